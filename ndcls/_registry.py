@@ -1,0 +1,93 @@
+"""The one registry of backends: name -> where it computes and the module that implements it.
+
+A backend module is imported only when first used, so ``import ndcls`` stays light. It
+provides two functions over canonical arrays (see :class:`ndcls.KernelSpec`)::
+
+    construct(spec, weight, positions, sigma) -> kernel
+        weight (B, D, C); positions, sigma (M, B, D, C) or sigma None -> kernel (B, prod(sizes))
+    construct_grad(spec, grad_kernel, weight, positions, sigma) -> (grad_weight, grad_positions, grad_sigma)
+        grad_kernel (B, prod(sizes)) -> shapes of weight, positions, sigma (grad_sigma None for bilinear)
+
+All inputs are C-contiguous arrays of ``spec.dtype``, NumPy arrays for ``device="cpu"``
+backends; GPU backends accept NumPy (copied in and out) or CuPy arrays and return the same kind.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device: str  # "cpu": computes on host arrays; "cuda": on CUDA arrays (host arrays copied in/out)
+    module: str
+    dtypes: tuple[str, ...]
+    install_hint: str = ""
+    description: str = ""
+
+    def load(self):
+        try:
+            return importlib.import_module(self.module)
+        except ImportError as exc:
+            hint = f" Install it with: {self.install_hint}" if self.install_hint else ""
+            raise ImportError(f"backend {self.name!r} is not usable here: {exc}.{hint}") from exc
+
+    def supports(self, dtype) -> bool:
+        return np.dtype(dtype).name in self.dtypes
+
+
+_BACKENDS: dict[str, Backend] = {}
+_DEFAULTS = {"cpu": "numba", "cuda": "cupy"}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend under ``backend.name``."""
+    _BACKENDS[backend.name] = backend
+
+
+def backends() -> tuple[str, ...]:
+    """Names of the registered backends."""
+    return tuple(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _BACKENDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"backend must be None or one of {backends()}, got {name!r}") from None
+
+
+def default_backend(device: str) -> Backend:
+    """The backend used for arrays on ``device`` ("cpu" or "cuda") when none is named."""
+    name = _DEFAULTS[device]
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"no backend for {device} arrays is registered yet (registered: {backends()}); "
+            f"the default for {device} arrays will be {name!r}"
+        )
+    return _BACKENDS[name]
+
+
+register_backend(
+    Backend(
+        name="numpy",
+        device="cpu",
+        module="ndcls.kernels.reference",
+        dtypes=("float32", "float64"),
+        description="vectorised NumPy reference (dense intermediates; for testing)",
+    )
+)
+register_backend(
+    Backend(
+        name="numba",
+        device="cpu",
+        module="ndcls.kernels.cpu",
+        dtypes=("float32", "float64"),
+        install_hint="pip install numba",
+        description="Numba CPU kernels, parallel over batch",
+    )
+)

@@ -1,0 +1,256 @@
+"""The one place that knows every shape of a DCLS construction and validates it.
+
+Public functions build a :class:`KernelSpec` from the caller's arguments; backends receive
+the spec plus canonical arrays (see :mod:`ndcls._api`) and never validate again.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+INTERPOLATIONS = ("bilinear", "triangle", "gauss")
+#: Interpolations whose kernel is divided by ``Z = sum of all cells + EPS`` (SPEC section 3).
+NORMALISED = ("triangle", "gauss")
+#: The normalisation epsilon of the reference implementation.
+EPS = 1e-7
+#: Largest kernel dimensionality N the array API accepts.
+MAX_DIMS = 8
+
+
+def _describe(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _as_int(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def normalise_sizes(sizes) -> tuple[int, ...]:
+    """``sizes`` as a tuple of N >= 1 positive ints (an int means N = 1)."""
+    if isinstance(sizes, (int, np.integer)) and not isinstance(sizes, bool):
+        sizes = (sizes,)
+    try:
+        items = tuple(sizes)
+    except TypeError:
+        raise TypeError(f"sizes must be a sequence of ints, got {type(sizes).__name__} {sizes!r}") from None
+    out = tuple(_as_int(s, f"sizes[{i}]") for i, s in enumerate(items))
+    if not 1 <= len(out) <= MAX_DIMS:
+        raise ValueError(f"sizes must have between 1 and {MAX_DIMS} entries, got {len(out)}: {out}")
+    for i, s in enumerate(out):
+        if s < 1:
+            raise ValueError(f"sizes[{i}] must be >= 1, got {s} (sizes={out})")
+    return out
+
+
+def normalise_learned_dims(learned_dims, n: int) -> tuple[int, ...]:
+    """``learned_dims`` as a tuple of M distinct axes in ``[0, n)``; None means all axes in order."""
+    if learned_dims is None:
+        return tuple(range(n))
+    if isinstance(learned_dims, (int, np.integer)) and not isinstance(learned_dims, bool):
+        learned_dims = (learned_dims,)
+    out = []
+    for j, axis in enumerate(tuple(learned_dims)):
+        axis = _as_int(axis, f"learned_dims[{j}]")
+        if not -n <= axis < n:
+            raise ValueError(f"learned_dims[{j}] = {axis} is out of range for N = {n} kernel axes")
+        out.append(axis % n)
+    if not out:
+        raise ValueError(f"learned_dims must name at least one axis, got {tuple(learned_dims)}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"learned_dims must not repeat an axis, got {tuple(learned_dims)} (N = {n})")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Shapes of one construction (SPEC sections 1-2).
+
+    ``weight`` is ``(*batch, *dense_sizes, count)``, ``positions`` and ``sigma`` are
+    ``(M, *batch, *dense_sizes, count)`` (batch axes may be 1 to broadcast), and the kernel
+    ``K`` is ``(*batch, *sizes)``. Backends see the flattened forms: ``weight`` as
+    ``(n_batch, n_dense, count)``, ``positions``/``sigma`` as ``(M, n_batch, n_dense, count)``,
+    ``K`` as ``(n_batch, block)`` with ``block = prod(sizes)``.
+    """
+
+    sizes: tuple[int, ...]
+    learned_dims: tuple[int, ...]
+    interpolation: str
+    batch_shape: tuple[int, ...]
+    count: int
+    dtype: np.dtype
+
+    # -- derived shapes -------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def n_learned(self) -> int:
+        return len(self.learned_dims)
+
+    @property
+    def normalised(self) -> bool:
+        return self.interpolation in NORMALISED
+
+    @property
+    def dense_dims(self) -> tuple[int, ...]:
+        return tuple(a for a in range(self.ndim) if a not in self.learned_dims)
+
+    @property
+    def dense_sizes(self) -> tuple[int, ...]:
+        return tuple(self.sizes[a] for a in self.dense_dims)
+
+    @property
+    def learned_sizes(self) -> tuple[int, ...]:
+        """Size of the axis moved by each row of ``positions``."""
+        return tuple(self.sizes[a] for a in self.learned_dims)
+
+    @property
+    def n_batch(self) -> int:
+        return math.prod(self.batch_shape)
+
+    @property
+    def n_dense(self) -> int:
+        return math.prod(self.dense_sizes)
+
+    @property
+    def block(self) -> int:
+        """Number of cells of one batch kernel, ``prod(sizes)``."""
+        return math.prod(self.sizes)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (*self.batch_shape, *self.dense_sizes, self.count)
+
+    @property
+    def positions_shape(self) -> tuple[int, ...]:
+        return (self.n_learned, *self.weight_shape)
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return (*self.batch_shape, *self.sizes)
+
+    # -- layout of K inside one batch block (C order) --------------------------------------
+    @cached_property
+    def axis_strides(self) -> tuple[int, ...]:
+        """Element stride of each kernel axis inside a block of ``prod(sizes)`` cells."""
+        strides, step = [], 1
+        for s in reversed(self.sizes):
+            strides.append(step)
+            step *= s
+        return tuple(reversed(strides))
+
+    @property
+    def learned_strides(self) -> tuple[int, ...]:
+        """Element stride in the block of the axis moved by each row of ``positions``."""
+        return tuple(self.axis_strides[a] for a in self.learned_dims)
+
+    @cached_property
+    def dense_offsets(self) -> np.ndarray:
+        """``(n_dense,)`` int64: block offset of the cell at each dense index, learned coords 0."""
+        offsets = np.zeros((), dtype=np.int64)
+        for a in self.dense_dims:
+            offsets = offsets[..., None] + np.arange(self.sizes[a], dtype=np.int64) * self.axis_strides[a]
+        offsets = offsets.reshape(-1)
+        offsets.setflags(write=False)
+        return offsets
+
+    @property
+    def needs_int64(self) -> bool:
+        """Whether flat indices into K can exceed int32 (GPU backends pick their index type)."""
+        return self.n_batch * self.block >= 2**31 - 1
+
+    # -- construction from the caller's arguments ------------------------------------------
+    @classmethod
+    def from_arguments(
+        cls,
+        *,
+        weight_shape,
+        weight_dtype,
+        positions_shape,
+        positions_dtype,
+        sizes,
+        interpolation,
+        learned_dims,
+        sigma_shape=None,
+        sigma_dtype=None,
+        grad_kernel_shape=None,
+        grad_kernel_dtype=None,
+    ) -> KernelSpec:
+        """Validate everything SPEC section 5 lists; raise ValueError/TypeError naming the argument."""
+        if not isinstance(interpolation, str) or interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        sizes = normalise_sizes(sizes)
+        learned = normalise_learned_dims(learned_dims, len(sizes))
+        n_dense_axes = len(sizes) - len(learned)
+
+        weight_dtype = np.dtype(weight_dtype)
+        if weight_dtype.kind != "f" or not weight_dtype.isnative:
+            raise TypeError(f"weight must have a floating dtype in native byte order, got {weight_dtype}")
+        for name, dt in (("positions", positions_dtype), ("sigma", sigma_dtype), ("grad_kernel", grad_kernel_dtype)):
+            if dt is not None and np.dtype(dt) != weight_dtype:
+                raise TypeError(f"{name} must have the dtype of weight ({weight_dtype}), got {np.dtype(dt)}")
+
+        weight_shape = tuple(weight_shape)
+        n_batch_axes = len(weight_shape) - 1 - n_dense_axes
+        dense_sizes = tuple(sizes[a] for a in range(len(sizes)) if a not in learned)
+        expected = "(*batch, " + "".join(f"{s}, " for s in dense_sizes) + "count)"
+        if n_batch_axes < 0:
+            raise ValueError(
+                f"weight must have shape {expected} for sizes={sizes} and learned_dims={learned}, "
+                f"got {_describe(weight_shape)}"
+            )
+        if weight_shape[n_batch_axes:-1] != dense_sizes:
+            raise ValueError(
+                f"weight must have shape {expected} for sizes={sizes} and learned_dims={learned}: "
+                f"its dense axes must be {_describe(dense_sizes)}, got {_describe(weight_shape)}"
+            )
+        spec = cls(
+            sizes=sizes,
+            learned_dims=learned,
+            interpolation=interpolation,
+            batch_shape=weight_shape[:n_batch_axes],
+            count=weight_shape[-1],
+            dtype=weight_dtype,
+        )
+        spec._check_broadcastable("positions", positions_shape)
+        if spec.normalised:
+            if sigma_shape is None:
+                raise ValueError(f"sigma is required for interpolation={interpolation!r}, got None")
+            spec._check_broadcastable("sigma", sigma_shape)
+        elif sigma_shape is not None:
+            raise ValueError(f"sigma must be None for interpolation='bilinear', got an array of shape {_describe(sigma_shape)}")
+        if grad_kernel_shape is not None and tuple(grad_kernel_shape) != spec.kernel_shape:
+            raise ValueError(
+                f"grad_kernel must have the kernel's shape {_describe(spec.kernel_shape)}, "
+                f"got {_describe(tuple(grad_kernel_shape))}"
+            )
+        return spec
+
+    def _check_broadcastable(self, name: str, shape) -> None:
+        shape = tuple(shape)
+        want = self.positions_shape
+        ok = len(shape) == len(want) and shape[0] == want[0]
+        nb = len(self.batch_shape)
+        if ok:
+            ok = all(s in (1, w) for s, w in zip(shape[1 : 1 + nb], self.batch_shape))
+            ok = ok and shape[1 + nb :] == want[1 + nb :]
+        if not ok:
+            raise ValueError(
+                f"{name} must have shape (M, *batch, *dense_sizes, count) = {_describe(want)} "
+                f"(batch axes may be 1), got {_describe(shape)}"
+            )
+
+    def broadcast_axes(self, shape) -> tuple[int, ...]:
+        """Axes of a positions-like array of ``shape`` that broadcast (size 1 against batch > 1)."""
+        return tuple(1 + i for i, (s, b) in enumerate(zip(shape[1:], self.batch_shape)) if s == 1 and b != 1)

@@ -1,0 +1,1 @@
+"""Kernel implementations, one module per backend (see ndcls._registry)."""

@@ -1,0 +1,202 @@
+"""Backend "numba": CPU kernels compiled with Numba, parallel over the batch.
+
+One generic kernel serves every N, M and interpolation: each element gets a 1-D profile per
+learned axis over its support (2 cells for bilinear, ``2 * sigma`` for triangle, the whole axis
+for gauss), so the number of ``exp`` calls is ``count * sum(sizes)`` per batch index, and the
+element is scattered (forward) or gathered (backward) over the product of those supports.
+No dense intermediate: the forward pass zeroes each batch block of ``K`` and adds into it
+while it is in cache. Arithmetic is in float64 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ndcls._spec import EPS
+from ndcls.kernels import _element
+
+_valid = njit(cache=True)(_element.element_valid)
+_support = njit(cache=True)(_element.support)
+_fill = njit(cache=True)(_element.fill_profile)
+
+_INVALID, _EMPTY, _OK = 0, 1, 2
+
+
+@njit(cache=True)
+def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, with_grad):
+    """Profiles of element ``(b, d, c)`` along every learned axis; returns ``(status, Z)``.
+
+    ``sums[0, j]``, ``sums[1, j]``, ``sums[2, j]``: sums of ``a``, ``da_dp``, ``da_ds`` along row j.
+    """
+    m = positions.shape[0]
+    for j in range(m):
+        if not _valid(kind, positions[j, b, d, c], sigma[j, b, d, c]):
+            return _INVALID, 1.0
+    z = 1.0
+    for j in range(m):
+        p = positions[j, b, d, c]
+        s = sigma[j, b, d, c]
+        lo[j], hi[j] = _support(kind, p, s, sizes[j])
+        if lo[j] >= hi[j]:
+            return _EMPTY, 1.0
+        sums[0, j], sums[1, j], sums[2, j] = _fill(kind, p, s, lo[j], hi[j], a[j], da_dp[j], da_ds[j], with_grad)
+        z *= sums[0, j]
+    if normalised:
+        return _OK, z + EPS
+    return _OK, 1.0
+
+
+@njit(cache=True)
+def _advance(idx, lo, hi, last):
+    """Odometer step over axes ``[0, last)``; False once every combination was visited."""
+    j = last - 1
+    while j >= 0:
+        idx[j] += 1
+        if idx[j] < hi[j]:
+            return True
+        idx[j] = lo[j]
+        j -= 1
+    return False
+
+
+@njit(cache=True, parallel=True)
+def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets, sizes, strides, n_chunks):
+    n_batch, n_dense, count = weight.shape
+    m = positions.shape[0]
+    last = m - 1
+    width = 1
+    for j in range(m):
+        width = max(width, sizes[j])
+    for chunk in prange(n_chunks):
+        a = np.empty((m, width))
+        sums = np.empty((3, m))
+        lo = np.empty(m, np.int64)
+        hi = np.empty(m, np.int64)
+        idx = np.empty(m, np.int64)
+        for b in range(chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks):
+            out = kernel[b]
+            out[:] = 0
+            for d in range(n_dense):
+                for c in range(count):
+                    status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False)
+                    if status != _OK:
+                        continue
+                    scale = weight[b, d, c] / z
+                    idx[:] = lo
+                    step = strides[last]
+                    while True:
+                        outer = scale
+                        offset = dense_offsets[d]
+                        for j in range(last):
+                            outer *= a[j, idx[j]]
+                            offset += idx[j] * strides[j]
+                        for i in range(lo[last], hi[last]):
+                            out[offset + i * step] += outer * a[last, i]
+                        if not _advance(idx, lo, hi, last):
+                            break
+
+
+@njit(cache=True, parallel=True)
+def _construct_grad(
+    kind, normalised, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s, dense_offsets, sizes, strides, n_chunks
+):
+    n_batch, n_dense, count = weight.shape
+    m = positions.shape[0]
+    last = m - 1
+    width = 1
+    for j in range(m):
+        width = max(width, sizes[j])
+    for chunk in prange(n_chunks):
+        a = np.empty((m, width))
+        da_dp = np.empty((m, width))
+        da_ds = np.empty((m, width))
+        sums = np.empty((3, m))
+        lo = np.empty(m, np.int64)
+        hi = np.empty(m, np.int64)
+        idx = np.empty(m, np.int64)
+        u = np.empty(m)  # sum of G * d(prod a)/dp_j over the support
+        v = np.empty(m)  # sum of G * d(prod a)/ds_j
+        for b in range(chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks):
+            g_block = grad_kernel[b]
+            for d in range(n_dense):
+                for c in range(count):
+                    status, z = _profiles(
+                        kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True
+                    )
+                    if status != _OK:
+                        fill = np.nan if status == _INVALID else 0.0
+                        grad_w[b, d, c] = fill
+                        for j in range(m):
+                            grad_p[j, b, d, c] = fill
+                            grad_s[j, b, d, c] = fill
+                        continue
+                    t = 0.0
+                    u[:] = 0.0
+                    v[:] = 0.0
+                    idx[:] = lo
+                    step = strides[last]
+                    while True:
+                        offset = dense_offsets[d]
+                        outer = 1.0
+                        for j in range(last):
+                            offset += idx[j] * strides[j]
+                            outer *= a[j, idx[j]]
+                        h = 0.0  # sum over the last axis of G * a, G * da_dp, G * da_ds
+                        h_p = 0.0
+                        h_s = 0.0
+                        for i in range(lo[last], hi[last]):
+                            g = g_block[offset + i * step]
+                            h += g * a[last, i]
+                            h_p += g * da_dp[last, i]
+                            h_s += g * da_ds[last, i]
+                        t += outer * h
+                        u[last] += outer * h_p
+                        v[last] += outer * h_s
+                        for k in range(last):
+                            rest = h
+                            for j in range(last):
+                                if j != k:
+                                    rest *= a[j, idx[j]]
+                            u[k] += rest * da_dp[k, idx[k]]
+                            v[k] += rest * da_ds[k, idx[k]]
+                        if not _advance(idx, lo, hi, last):
+                            break
+                    w = weight[b, d, c]
+                    grad_w[b, d, c] = t / z
+                    for j in range(m):
+                        if normalised:
+                            others = 1.0
+                            for k in range(m):
+                                if k != j:
+                                    others *= sums[0, k]
+                            grad_p[j, b, d, c] = w * (u[j] / z - t * sums[1, j] * others / (z * z))
+                            grad_s[j, b, d, c] = w * (v[j] / z - t * sums[2, j] * others / (z * z))
+                        else:
+                            grad_p[j, b, d, c] = w * u[j]
+
+
+def _layout(spec):
+    sizes = np.asarray(spec.learned_sizes, dtype=np.int64)
+    strides = np.asarray(spec.learned_strides, dtype=np.int64)
+    n_chunks = min(spec.n_batch, 4 * numba.get_num_threads())
+    return np.array(spec.dense_offsets), sizes, strides, n_chunks
+
+
+def construct(spec, weight, positions, sigma):
+    kernel = np.empty((spec.n_batch, spec.block), dtype=spec.dtype)
+    kind = _element.INTERPOLATION_CODES[spec.interpolation]
+    sigma = positions if sigma is None else sigma
+    _construct(kind, spec.normalised, weight, positions, sigma, kernel, *_layout(spec))
+    return kernel
+
+
+def construct_grad(spec, grad_kernel, weight, positions, sigma):
+    grad_w = np.empty_like(weight)
+    grad_p = np.empty_like(positions)
+    grad_s = np.empty_like(positions)
+    kind = _element.INTERPOLATION_CODES[spec.interpolation]
+    sigma_in = positions if sigma is None else sigma
+    _construct_grad(kind, spec.normalised, grad_kernel, weight, positions, sigma_in, grad_w, grad_p, grad_s, *_layout(spec))
+    return grad_w, grad_p, (grad_s if spec.normalised else None)
