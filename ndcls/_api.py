@@ -16,15 +16,13 @@ def _namespace(x):
     return np if isinstance(x, np.ndarray) else sys.modules["cupy"]
 
 
-def _select_backend(name, ctx: ArrayContext, spec: KernelSpec) -> Backend:
+def _select_backend(name, ctx: ArrayContext) -> Backend:
     backend = default_backend(ctx.device[0]) if name is None else get_backend(name)
     if backend.device == "cpu" and ctx.on_gpu:
         raise ValueError(
             f"backend {backend.name!r} computes on host arrays, but the arrays are on "
             f"cuda:{ctx.device[1]}; use backend=None, 'cupy' or 'numba-cuda', or move them to the host"
         )
-    if not backend.supports(spec.dtype):
-        raise TypeError(f"backend {backend.name!r} supports dtypes {backend.dtypes}, got {spec.dtype}")
     return backend
 
 
@@ -42,6 +40,7 @@ class _Call:
 
 def _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend) -> _Call:
     ctx = array_context(weight=weight, positions=positions, sigma=sigma, grad_kernel=grad_kernel)
+    chosen = _select_backend(backend, ctx)
     w, p, s, g = (ctx.to_compute(x) for x in (weight, positions, sigma, grad_kernel))
     w_shape, w_dtype = shape_and_dtype(w)
     p_shape, p_dtype = shape_and_dtype(p)
@@ -60,7 +59,8 @@ def _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learne
         interpolation=interpolation,
         learned_dims=learned_dims,
     )
-    chosen = _select_backend(backend, ctx, spec)
+    if not chosen.supports(spec.dtype):
+        raise TypeError(f"backend {chosen.name!r} supports dtypes {chosen.dtypes}, got {spec.dtype}")
     xp = _namespace(w)
     B, D, C, M = spec.n_batch, spec.n_dense, spec.count, spec.n_learned
 

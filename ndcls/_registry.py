@@ -3,8 +3,10 @@
 A backend module is imported only when first used, so ``import ndcls`` stays light. It
 provides two functions over canonical arrays (see :class:`ndcls.KernelSpec`)::
 
-    construct(spec, weight, positions, sigma) -> kernel
-        weight (B, D, C); positions, sigma (M, B, D, C) or sigma None -> kernel (B, prod(sizes))
+    construct(spec, weight, positions, sigma, out=None) -> kernel
+        weight (B, D, C); positions, sigma (M, B, D, C) or sigma None -> kernel (B, prod(sizes));
+        ``out``, if given, is a C-contiguous (B, prod(sizes)) array of the inputs' kind that
+        receives the kernel (tests use it to check nothing is written outside K)
     construct_grad(spec, grad_kernel, weight, positions, sigma) -> (grad_weight, grad_positions, grad_sigma)
         grad_kernel (B, prod(sizes)) -> shapes of weight, positions, sigma (grad_sigma None for bilinear)
 

@@ -184,8 +184,8 @@ def _layout(spec):
     return np.array(spec.dense_offsets), sizes, strides, n_chunks
 
 
-def construct(spec, weight, positions, sigma):
-    kernel = np.empty((spec.n_batch, spec.block), dtype=spec.dtype)
+def construct(spec, weight, positions, sigma, out=None):
+    kernel = np.empty((spec.n_batch, spec.block), dtype=spec.dtype) if out is None else out
     kind = _element.INTERPOLATION_CODES[spec.interpolation]
     sigma = positions if sigma is None else sigma
     _construct(kind, spec.normalised, weight, positions, sigma, kernel, *_layout(spec))

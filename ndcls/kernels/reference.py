@@ -33,10 +33,11 @@ def _profiles(interpolation, p, s, size):
         inside = np.abs(i - p) < s
         a = np.maximum(0.0, s - np.abs(i - p))
         return a, np.where(inside, np.sign(i - p), 0.0), inside.astype(np.float64)
-    u = (i - p) / s
-    a = np.exp(-0.5 * u**2)
-    nonzero = a > 0  # u**2 may overflow where a underflows: keep derivatives at 0 there
-    return a, np.where(nonzero, a * u / s, 0.0), np.where(nonzero, a * u**2 / s, 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):  # far positions: u**2 overflows, a underflows
+        u = (i - p) / s
+        a = np.exp(-0.5 * u**2)
+        nonzero = a > 0  # keep derivatives at 0 where a is 0
+        return a, np.where(nonzero, a * u / s, 0.0), np.where(nonzero, a * u**2 / s, 0.0)
 
 
 def _outer(factors):
@@ -85,11 +86,15 @@ def _terms(spec, w, p, s):
     return profiles, product, cells, z
 
 
-def construct(spec, weight, positions, sigma):
+def construct(spec, weight, positions, sigma, out=None):
     w, p, s, _ = _setup(spec, weight, positions, sigma)
     _, product, _, z = _terms(spec, w, p, s)
     k = ((w / z).reshape(w.shape + (1,) * spec.n_learned) * product).sum(axis=2)  # sum over count
-    return _to_kernel_layout(spec, k).astype(spec.dtype)
+    kernel = _to_kernel_layout(spec, k).astype(spec.dtype)
+    if out is None:
+        return kernel
+    out[...] = kernel
+    return out
 
 
 def construct_grad(spec, grad_kernel, weight, positions, sigma):

@@ -1,0 +1,30 @@
+"""Shared test configuration: hypothesis profiles, GPU detection, the backends under test.
+
+Without a CUDA device the Numba CUDA kernels run on the CPU simulator: the variable must be
+set before numba.cuda is first imported, which is why it is set here, at collection start.
+Nothing here initialises CUDA.
+"""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+HAS_GPU = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+if not HAS_GPU:
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=40, **_common)
+settings.register_profile("ci", max_examples=300, derandomize=True, print_blob=True, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
