@@ -67,7 +67,9 @@ def _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learne
     def canonical(x, full_shape, flat_shape):
         if x is None:
             return None
-        return xp.ascontiguousarray(xp.broadcast_to(x, full_shape)).reshape(flat_shape)
+        if x.shape != full_shape:
+            x = xp.broadcast_to(x, full_shape)
+        return xp.ascontiguousarray(x).reshape(flat_shape)
 
     return _Call(
         ctx=ctx,

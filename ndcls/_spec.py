@@ -102,41 +102,41 @@ class KernelSpec:
     def normalised(self) -> bool:
         return self.interpolation in NORMALISED
 
-    @property
+    @cached_property
     def dense_dims(self) -> tuple[int, ...]:
         return tuple(a for a in range(self.ndim) if a not in self.learned_dims)
 
-    @property
+    @cached_property
     def dense_sizes(self) -> tuple[int, ...]:
         return tuple(self.sizes[a] for a in self.dense_dims)
 
-    @property
+    @cached_property
     def learned_sizes(self) -> tuple[int, ...]:
         """Size of the axis moved by each row of ``positions``."""
         return tuple(self.sizes[a] for a in self.learned_dims)
 
-    @property
+    @cached_property
     def n_batch(self) -> int:
         return math.prod(self.batch_shape)
 
-    @property
+    @cached_property
     def n_dense(self) -> int:
         return math.prod(self.dense_sizes)
 
-    @property
+    @cached_property
     def block(self) -> int:
         """Number of cells of one batch kernel, ``prod(sizes)``."""
         return math.prod(self.sizes)
 
-    @property
+    @cached_property
     def weight_shape(self) -> tuple[int, ...]:
         return (*self.batch_shape, *self.dense_sizes, self.count)
 
-    @property
+    @cached_property
     def positions_shape(self) -> tuple[int, ...]:
         return (self.n_learned, *self.weight_shape)
 
-    @property
+    @cached_property
     def kernel_shape(self) -> tuple[int, ...]:
         return (*self.batch_shape, *self.sizes)
 
@@ -150,7 +150,7 @@ class KernelSpec:
             step *= s
         return tuple(reversed(strides))
 
-    @property
+    @cached_property
     def learned_strides(self) -> tuple[int, ...]:
         """Element stride in the block of the axis moved by each row of ``positions``."""
         return tuple(self.axis_strides[a] for a in self.learned_dims)

@@ -5,10 +5,20 @@ set before numba.cuda is first imported, which is why it is set here, at collect
 Nothing here initialises CUDA.
 """
 
+import hashlib
 import os
+import pathlib
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# Numba's on-disk cache is keyed on the file that defines each jitted function only, so a kernel
+# that inlines a helper from another file would keep a stale copy after the helper changes. Key
+# the test cache on the hash of every kernel source instead (set before numba is imported).
+_KERNELS = pathlib.Path(__file__).resolve().parent.parent / "ndcls" / "kernels"
+_digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(_KERNELS.rglob("*.py")))).hexdigest()[:16]
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"ndcls-numba-cache-{_digest}"))
 
 HAS_GPU = os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 if not HAS_GPU:

@@ -1,0 +1,1 @@
+"""Benchmarks shipped with ndcls (imported only by the benchmark scripts and `ndcls bench`)."""
