@@ -9,6 +9,7 @@ torch, CuPy or JAX unless the caller's arrays already come from them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -62,6 +63,27 @@ def import_cupy():
     return cupy
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_device_count() -> int:
+    return import_cupy().cuda.runtime.getDeviceCount()
+
+
+def cupy_on_device(index: int):
+    """CuPy, once CUDA device ``index`` is known to exist; else a RuntimeError that says why.
+
+    Without this, arrays that report a CUDA device on a machine without a usable one would
+    fail deep inside CuPy with a driver error that does not name the cause.
+    """
+    cupy = import_cupy()
+    try:
+        count = _cuda_device_count()
+    except Exception as exc:  # no driver, driver too old, no device
+        raise RuntimeError(f"the arrays are on cuda:{index}, but CUDA is not usable on this machine ({exc})") from exc
+    if not 0 <= index < count:
+        raise RuntimeError(f"the arrays are on cuda:{index}, but this machine has {count} CUDA device(s)")
+    return cupy
+
+
 @dataclass(frozen=True)
 class ArrayContext:
     """Where the caller's arrays live: their library and device."""
@@ -86,10 +108,10 @@ class ArrayContext:
             if x.is_conj() or x.is_neg():
                 x = x.resolve_conj().resolve_neg()
             if self.on_gpu:
-                return import_cupy().from_dlpack(x)
+                return cupy_on_device(self.device[1]).from_dlpack(x)
             return np.from_dlpack(x)
         if self.on_gpu:
-            return import_cupy().from_dlpack(x)
+            return cupy_on_device(self.device[1]).from_dlpack(x)
         return np.from_dlpack(x)
 
     def from_compute(self, x):

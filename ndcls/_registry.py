@@ -93,3 +93,13 @@ register_backend(
         description="Numba CPU kernels, parallel over batch",
     )
 )
+register_backend(
+    Backend(
+        name="cupy",
+        device="cuda",
+        module="ndcls.kernels.cupy_backend",
+        dtypes=("float16", "float32", "float64"),
+        install_hint="pip install 'ndcls[cuda]'",
+        description="CUDA C++ kernels compiled with NVRTC through CuPy RawModule (float16 computes in float32)",
+    )
+)

@@ -1,0 +1,133 @@
+// Per-element 1-D profile math: a line-by-line CUDA transcription of ndcls/kernels/_element.py.
+//
+// Included by dcls.cu (the Python side inlines it, so CuPy's compile cache keys on the whole
+// text). Needs nothing beyond what NVRTC provides: float16 is converted with PTX `cvt`.
+#pragma once
+
+namespace ndcls {
+
+// Interpolation codes, as in _element.py.
+enum { BILINEAR = 0, TRIANGLE = 1, GAUSS = 2 };
+
+// Status of one element (as in cpu.py): skipped with NaN gradients, skipped with zero
+// gradients (empty support), or computed.
+enum { INVALID = 0, EMPTY = 1, OK = 2 };
+
+// The normalisation epsilon of the reference implementation (ndcls._spec.EPS).
+#define NDCLS_EPS 1e-7
+
+// IEEE binary16 storage: the raw bits (CuPy float16 and torch.half share this layout).
+struct f16 {
+    unsigned short bits;
+};
+
+// Storage type T -> accumulation type A and the conversions between them.
+template <typename T>
+struct Scalar;
+
+template <>
+struct Scalar<float> {
+    typedef float acc;
+    static __device__ __forceinline__ float load(float x) { return x; }
+    static __device__ __forceinline__ float store(float x) { return x; }
+};
+
+template <>
+struct Scalar<double> {
+    typedef double acc;
+    static __device__ __forceinline__ double load(double x) { return x; }
+    static __device__ __forceinline__ double store(double x) { return x; }
+};
+
+#ifdef __CUDACC__  // PTX conversions: absent from the host emulation in tests/cuda_emulation
+template <>
+struct Scalar<f16> {
+    typedef float acc;  // half inputs accumulate in float32
+    static __device__ __forceinline__ float load(f16 x) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+        return f;
+    }
+    static __device__ __forceinline__ f16 store(float x) {
+        f16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+        return h;
+    }
+};
+#endif
+
+// _element.element_valid: whether an element's position (and width, for normalised kinds)
+// along one axis is usable.
+template <int KIND, typename A>
+__device__ __forceinline__ bool element_valid(A p, A s) {
+    if (!isfinite(p)) return false;
+    if (KIND != BILINEAR && !(isfinite(s) && s > A(0))) return false;
+    return true;
+}
+
+// _element.support: half-open cell range [lo, hi) outside which the profile and its
+// derivatives are 0. Assumes element_valid. The bounds are clamped to [0, size] as floats
+// before any cast (p - s or p + s may be +-inf, never NaN); float(size) may round above size,
+// so the cast goes through 64 bits and is clamped to size again.
+template <int KIND, typename A>
+__device__ __forceinline__ void support(A p, A s, long long size, int& lo, int& hi) {
+    if (KIND == GAUSS) {
+        lo = 0;
+        hi = int(size);
+        return;
+    }
+    A first, last;
+    if (KIND == BILINEAR) {
+        first = floor(p);
+        last = first + A(1);
+    } else {
+        first = ceil(p - s);
+        last = floor(p + s);
+    }
+    const A top = A(size);
+    first = fmin(fmax(first, A(0)), top);
+    last = fmin(fmax(last + A(1), A(0)), top);
+    lo = int(min((long long)first, size));
+    hi = int(min((long long)last, size));
+}
+
+// One cell of _element.fill_profile: profile value at cell i, and its derivatives with
+// respect to the position (d_p) and the width (d_s). i lies in the element's support.
+template <int KIND, typename A>
+__device__ __forceinline__ A profile(A p, A s, A floor_p, int i, A& d_p, A& d_s) {
+    const A x = A(i);
+    A value = A(0);
+    d_p = A(0);
+    d_s = A(0);
+    if (KIND == BILINEAR) {
+        const A r = p - floor_p;
+        if (x == floor_p) {
+            value = A(1) - r;
+            d_p = A(-1);
+        } else {
+            value = r;
+            d_p = A(1);
+        }
+    } else if (KIND == TRIANGLE) {
+        const A dist = fabs(x - p);
+        if (dist < s) {
+            value = s - dist;
+            d_s = A(1);
+            if (x > p) {
+                d_p = A(1);
+            } else if (x < p) {
+                d_p = A(-1);
+            }
+        }
+    } else {
+        const A u = (x - p) / s;
+        value = exp(A(-0.5) * u * u);
+        if (value > A(0)) {
+            d_p = value * u / s;
+            d_s = d_p * u;
+        }
+    }
+    return value;
+}
+
+}  // namespace ndcls

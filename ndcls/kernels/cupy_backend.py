@@ -1,0 +1,338 @@
+"""Backend "cupy": CUDA C++ kernels compiled by NVRTC through CuPy ``RawModule``.
+
+The kernels live in ``ndcls/kernels/cuda/`` (``dcls.cu`` including ``dcls_element.cuh``, a
+line-by-line transcription of :mod:`ndcls.kernels._element`). They are templates over the
+storage dtype, the number M of learned axes, the interpolation and the index type; one
+:class:`Specialisation` names one instantiation of the forward and the backward kernel.
+Sizes, strides, counts and batch are kernel arguments, so a new layer shape never recompiles.
+Compiled kernels are memoised per (device, specialisation); CuPy also caches binaries on disk.
+
+* forward: each CUDA block builds a range of ``K`` (a tile of whole batch kernels, or a chunk of
+  one batch kernel that does not fit) in shared memory with shared-memory atomics and writes it
+  to global memory once, coalesced;
+* backward: a gather, one group of lanes per element, no atomics, deterministic.
+
+Arithmetic is in float32 for float16 and float32 inputs, in float64 for float64 inputs.
+NumPy inputs are copied to the current CuPy device and the results copied back; CuPy inputs
+are used in place and the results are CuPy arrays. Work runs on CuPy's current stream.
+CuPy itself is imported at the first call, so this module imports (and its kernels compile
+with NVRTC, see :func:`specialisations`) without CuPy or a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import threading
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from ndcls._arrays import cupy_on_device, import_cupy
+from ndcls._spec import INTERPOLATIONS, MAX_DIMS, KernelSpec
+from ndcls.kernels._element import INTERPOLATION_CODES
+
+#: NVRTC options, shared by the backend and the compile-only test.
+COMPILE_OPTIONS = ("--std=c++17",)
+#: Storage dtype -> C++ type in the kernels (float16 is a struct of IEEE half bits).
+CTYPES = {"float16": "ndcls::f16", "float32": "float", "float64": "double"}
+#: Index types: 32-bit unless a flat index can come near 2**31 (see :func:`index_is_64bit`).
+INDEX_TYPES = {False: "int", True: "long long"}
+
+_THREADS = 256  # threads per block (a multiple of 32)
+_SOURCE_DIR = "cuda"
+_MAIN_SOURCE = "dcls.cu"
+_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
+
+
+# -- specialisations ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Specialisation:
+    """One instantiation of the kernel templates: storage dtype, M, interpolation, index width."""
+
+    dtype: str
+    n_learned: int
+    interpolation: str
+    int64: bool
+
+    @property
+    def template_args(self) -> str:
+        code = INTERPOLATION_CODES[self.interpolation]
+        return f"{CTYPES[self.dtype]}, {self.n_learned}, {code}, {INDEX_TYPES[self.int64]}"
+
+    @property
+    def construct_name(self) -> str:
+        return f"ndcls::construct_kernel<{self.template_args}>"
+
+    @property
+    def grad_name(self) -> str:
+        return f"ndcls::construct_grad_kernel<{self.template_args}>"
+
+    @property
+    def name_expressions(self) -> tuple[str, str]:
+        return (self.construct_name, self.grad_name)
+
+
+def index_is_64bit(spec) -> bool:
+    """Whether the kernels need 64-bit indices for ``spec``.
+
+    ``spec.needs_int64`` covers flat indices into ``K``; positions hold ``M * B * D * C`` values,
+    which can exceed it. 2**30 leaves headroom for the grid-stride increments in the kernels.
+    """
+    n_values = spec.n_learned * spec.n_batch * spec.n_dense * spec.count
+    return spec.needs_int64 or max(n_values, spec.n_batch * spec.block) >= 2**30
+
+
+def specialisation(spec) -> Specialisation:
+    """The specialisation the dispatcher requests for ``spec``."""
+    return Specialisation(np.dtype(spec.dtype).name, spec.n_learned, spec.interpolation, index_is_64bit(spec))
+
+
+def specialisations() -> tuple[Specialisation, ...]:
+    """Every specialisation :func:`specialisation` can return (the compile-only test builds them all)."""
+    return tuple(
+        Specialisation(dtype, m, interpolation, int64)
+        for dtype in CTYPES
+        for m in range(1, MAX_DIMS + 1)
+        for interpolation in INTERPOLATIONS
+        for int64 in (False, True)
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_source() -> str:
+    """The CUDA source with its local ``#include "..."`` files inlined (CuPy's disk cache keys on it)."""
+    root = resources.files("ndcls.kernels").joinpath(_SOURCE_DIR)
+    seen = set()
+
+    def expand(name):
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = root.joinpath(name).read_text()
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(_MAIN_SOURCE)
+
+
+# -- launch configuration (pure arithmetic, testable without a GPU) ----------------------------
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    n_sm: int
+    shared_default: int  # bytes of shared memory per block without opting in
+    shared_optin: int  # the most a block may opt in to
+    capability: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Launch:
+    grid: int
+    threads: int
+    group: int  # lanes per element
+    shared: int  # dynamic shared memory, bytes
+    span: int = 0  # forward: cells of K built per block
+
+
+def host_layout(spec, int64: bool) -> np.ndarray:
+    """``[learned sizes (M), learned strides (M), dense offsets (D)]`` in the index type (the kernels' ``layout``)."""
+    parts = (spec.learned_sizes, spec.learned_strides, spec.dense_offsets)
+    return np.concatenate([np.asarray(x, dtype=np.int64) for x in parts]).astype(np.int64 if int64 else np.int32)
+
+
+def _acc_bytes(spec) -> int:
+    return 8 if np.dtype(spec.dtype) == np.float64 else 4
+
+
+def _profile_length(spec) -> int:
+    return sum(spec.learned_sizes)
+
+
+def _group_width(spec) -> int:
+    """Lanes per element: a power of two <= 32 near the number of cells one element can touch."""
+    cells = 2**spec.n_learned if spec.interpolation == "bilinear" else math.prod(spec.learned_sizes)
+    return min(32, 1 << max(0, cells - 1).bit_length())
+
+
+def _groups(spec, limits: DeviceLimits, per_group: int, threads: int) -> tuple[int, int]:
+    """(threads, group): ``threads`` in groups of :func:`_group_width`, or, when their scratch
+    would take more than half the default shared memory, fewer whole-warp groups."""
+    group = _group_width(spec)
+    if (threads // group) * per_group <= limits.shared_default // 2:
+        return threads, group
+    warps = max(1, min(threads // 32, (limits.shared_default // 2) // per_group))
+    return 32 * warps, 32
+
+
+def _too_long(spec, limits: DeviceLimits, need: int):
+    return ValueError(
+        f"backend 'cupy' cannot build kernels with learned sizes {spec.learned_sizes}: one element's "
+        f"profiles need {need} bytes of shared memory, more than this device allows per block "
+        f"({limits.shared_optin}); use backend='numba-cuda' or a CPU backend"
+    )
+
+
+def forward_launch(spec, limits: DeviceLimits, threads: int = _THREADS) -> Launch:
+    """Grid, block and shared memory of the forward kernel for ``spec`` on a device with ``limits``."""
+    acc = _acc_bytes(spec)
+    per_group = _profile_length(spec) * acc
+    threads, group = _groups(spec, limits, per_group, threads)
+    scratch = (threads // group) * per_group
+    total = spec.n_batch * spec.block
+    cells_default = (limits.shared_default - scratch) // acc
+    cells_optin = (limits.shared_optin - scratch) // acc
+    if cells_optin < 32:
+        raise _too_long(spec, limits, scratch + 32 * acc)
+    if spec.block <= cells_default:
+        # whole batch kernels per block, but keep about two blocks per SM busy
+        tiles = min(cells_default // spec.block, -(-spec.n_batch // (2 * limits.n_sm)))
+        span = max(1, tiles) * spec.block
+    elif spec.block <= cells_optin:
+        span = spec.block
+    else:  # fallback: each batch kernel in several chunks
+        span = cells_optin
+    grid = max(1, min(-(-total // span), 2**31 - 1))
+    return Launch(grid=grid, threads=threads, group=group, shared=span * acc + scratch, span=span)
+
+
+def backward_launch(spec, limits: DeviceLimits, threads: int = _THREADS) -> Launch:
+    """Grid, block and shared memory of the backward kernel for ``spec`` on a device with ``limits``."""
+    per_group = 3 * _profile_length(spec) * _acc_bytes(spec)
+    threads, group = _groups(spec, limits, per_group, threads)
+    shared = (threads // group) * per_group
+    if shared > limits.shared_optin:
+        raise _too_long(spec, limits, shared)
+    n_elements = spec.n_batch * spec.n_dense * spec.count
+    grid = max(1, min(-(-n_elements // (threads // group)), 2**31 - 1))
+    return Launch(grid=grid, threads=threads, group=group, shared=shared)
+
+
+# -- per-device state ---------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_KERNELS: dict = {}  # (device id, Specialisation) -> (forward RawKernel, backward RawKernel)
+
+
+def _cupy():
+    return import_cupy()
+
+
+@functools.lru_cache(maxsize=None)
+def _limits(device_id: int) -> DeviceLimits:
+    props = _cupy().cuda.runtime.getDeviceProperties(device_id)
+    limits = DeviceLimits(
+        n_sm=int(props["multiProcessorCount"]),
+        shared_default=int(props["sharedMemPerBlock"]),
+        shared_optin=int(props.get("sharedMemPerBlockOptin", props["sharedMemPerBlock"])),
+        capability=(int(props["major"]), int(props["minor"])),
+    )
+    if limits.capability < (7, 0):
+        raise RuntimeError(
+            f"backend 'cupy' needs a GPU of compute capability 7.0 or newer (independent thread "
+            f"scheduling for its sub-warp groups); device {device_id} has {limits.capability[0]}.{limits.capability[1]}"
+        )
+    return limits
+
+
+def _kernels(device_id: int, key: Specialisation):
+    """Forward and backward kernels of ``key`` on ``device_id``, compiled once per device."""
+    found = _KERNELS.get((device_id, key))
+    if found is not None:
+        return found
+    with _LOCK:
+        found = _KERNELS.get((device_id, key))
+        if found is None:
+            cupy = _cupy()
+            module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=key.name_expressions)
+            found = tuple(module.get_function(name) for name in key.name_expressions)
+            optin = _limits(device_id).shared_optin
+            for fn in found:  # allow launches up to the device's opt-in shared memory
+                fn.max_dynamic_shared_size_bytes = optin - fn.shared_size_bytes
+            _KERNELS[(device_id, key)] = found
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(device_id: int, sizes, learned_dims, int64: bool):
+    """Device array ``[learned sizes (M), learned strides (M), dense offsets (D)]`` of the index type."""
+    spec = KernelSpec(sizes, learned_dims, "bilinear", (), 1, np.dtype(np.float32))
+    cupy = _cupy()
+    layout = cupy.asarray(host_layout(spec, int64))
+    # cached for later calls on any stream: make sure the copy has landed
+    cupy.cuda.get_current_stream().synchronize()
+    return layout
+
+
+def _device_and_arrays(*arrays):
+    """CuPy's current device id and the arrays on it (NumPy copied in, CuPy as is)."""
+    cupy = _cupy()
+    try:
+        device_id = cupy.cuda.Device().id
+        cupy_on_device(device_id)
+    except Exception as exc:
+        raise RuntimeError(f"backend 'cupy' needs a CUDA device, but none is usable here ({exc})") from exc
+    return device_id, [None if x is None else cupy.asarray(x) for x in arrays]
+
+
+def _scalars(spec, int64: bool):
+    it = np.int64 if int64 else np.int32
+    return it(spec.n_batch), it(spec.n_dense), it(spec.count), it(spec.block)
+
+
+# -- the backend contract ----------------------------------------------------------------------
+
+
+def construct(spec, weight, positions, sigma, out=None):
+    """``K`` of shape ``(B, prod(sizes))`` from weight ``(B, D, C)``, positions and sigma ``(M, B, D, C)``.
+
+    NumPy inputs give a NumPy result (written into ``out`` if given); CuPy inputs a CuPy result.
+    """
+    host = isinstance(weight, np.ndarray)
+    if spec.n_batch * spec.block == 0:
+        kernel = np.zeros((spec.n_batch, spec.block), dtype=spec.dtype) if host else _cupy().zeros((spec.n_batch, spec.block), dtype=spec.dtype)
+        return kernel if out is None else out
+    device_id, (w, p, s) = _device_and_arrays(weight, positions, sigma)
+    cupy = _cupy()
+    kernel = out if (out is not None and not host) else cupy.empty((spec.n_batch, spec.block), dtype=spec.dtype)
+    key = specialisation(spec)
+    limits = _limits(device_id)
+    launch = forward_launch(spec, limits)
+    forward, _ = _kernels(device_id, key)
+    it = np.int64 if key.int64 else np.int32
+    layout = _layout(device_id, spec.sizes, spec.learned_dims, key.int64)
+    args = (w, p, p if s is None else s, kernel, layout, *_scalars(spec, key.int64), it(launch.span))
+    args += (np.int32(_profile_length(spec)), np.int32(launch.group))
+    forward((launch.grid,), (launch.threads,), args, shared_mem=launch.shared)
+    if not host:
+        return kernel
+    if out is None:
+        return kernel.get()
+    kernel.get(out=out)
+    return out
+
+
+def construct_grad(spec, grad_kernel, weight, positions, sigma):
+    """``(grad_weight, grad_positions, grad_sigma)`` shaped like weight, positions, sigma (None for bilinear)."""
+    host = isinstance(weight, np.ndarray)
+    device_id, (g, w, p, s) = _device_and_arrays(grad_kernel, weight, positions, sigma)
+    cupy = _cupy()
+    grad_w = cupy.empty(w.shape, dtype=spec.dtype)
+    grad_p = cupy.empty(p.shape, dtype=spec.dtype)
+    grad_s = cupy.empty(p.shape, dtype=spec.dtype) if spec.normalised else None
+    if w.size:
+        key = specialisation(spec)
+        launch = backward_launch(spec, _limits(device_id))
+        _, backward = _kernels(device_id, key)
+        layout = _layout(device_id, spec.sizes, spec.learned_dims, key.int64)
+        args = (g, w, p, p if s is None else s, grad_w, grad_p, grad_p if grad_s is None else grad_s, layout)
+        args += (*_scalars(spec, key.int64), np.int32(_profile_length(spec)), np.int32(launch.group))
+        backward((launch.grid,), (launch.threads,), args, shared_mem=launch.shared)
+    grads = (grad_w, grad_p, grad_s)
+    if host:
+        return tuple(None if x is None else x.get() for x in grads)
+    return grads

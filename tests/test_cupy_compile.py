@@ -1,0 +1,112 @@
+"""Every kernel specialisation the "cupy" backend can request compiles with NVRTC, without a GPU.
+
+The list comes from ``cupy_backend.specialisations()`` (the dispatcher's own enumeration) and the
+source from ``cupy_backend.kernel_source()`` with ``cupy_backend.COMPILE_OPTIONS``: exactly what
+CuPy's ``RawModule`` compiles at run time. All of them are lowered to PTX for compute_80 and
+compute_90; the largest (M = MAX_DIMS) are also assembled to SASS for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import ndcls
+from _cases import cases
+from ndcls.kernels import cupy_backend as cb
+
+pytestmark = pytest.mark.cuda_compile
+
+ARCHS = (80, 90)
+
+
+class CompileError(Exception):
+    pass
+
+
+def nvrtc_compile(source: str, names, arch_option: str, *, cubin=False):
+    """Compile ``source`` with the name expressions ``names``; returns (ptx or cubin, {name: lowered})."""
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+
+    def check(result, prog=None):
+        err = result[0]
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            log = ""
+            if prog is not None:
+                _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+                buf = b" " * size
+                nvrtc.nvrtcGetProgramLog(prog, buf)
+                log = buf.decode(errors="replace")
+            raise CompileError(f"{err}: {log}")
+        return result[1:]
+
+    (prog,) = check(nvrtc.nvrtcCreateProgram(source.encode(), b"dcls.cu", 0, [], []))
+    try:
+        for name in names:
+            check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
+        options = [arch_option.encode(), *(o.encode() for o in cb.COMPILE_OPTIONS)]
+        check(nvrtc.nvrtcCompileProgram(prog, len(options), options), prog)
+        lowered = {name: check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))[0].decode() for name in names}
+        if cubin:
+            (size,) = check(nvrtc.nvrtcGetCUBINSize(prog))
+            out = b" " * size
+            check(nvrtc.nvrtcGetCUBIN(prog, out))
+        else:
+            (size,) = check(nvrtc.nvrtcGetPTXSize(prog))
+            out = b" " * size
+            check(nvrtc.nvrtcGetPTX(prog, out))
+            out = out.decode(errors="replace")
+        return out, lowered
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _names(keys):
+    return [name for key in keys for name in key.name_expressions]
+
+
+@pytest.mark.parametrize("dtype", list(cb.CTYPES))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_specialisation_compiles_to_ptx(arch, dtype, record_property):
+    keys = [k for k in cb.specialisations() if k.dtype == dtype]
+    start = time.perf_counter()
+    ptx, lowered = nvrtc_compile(cb.kernel_source(), _names(keys), f"--gpu-architecture=compute_{arch}")
+    record_property("seconds", round(time.perf_counter() - start, 1))
+    assert f".target sm_{arch}" in ptx
+    for name, mangled in lowered.items():
+        assert f".entry {mangled}(" in ptx, f"{name} ({mangled}) missing from the PTX"
+    assert len(set(lowered.values())) == 2 * len(keys)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_largest_specialisations_assemble_for_real_gpus(arch):
+    keys = [k for k in cb.specialisations() if k.n_learned == ndcls.MAX_DIMS and k.int64]
+    binary, lowered = nvrtc_compile(cb.kernel_source(), _names(keys), f"--gpu-architecture=sm_{arch}", cubin=True)
+    assert binary[:4] == b"\x7fELF"
+    for mangled in lowered.values():
+        assert mangled.encode() in binary
+
+
+def test_a_broken_kernel_fails_to_compile():
+    key = cb.specialisations()[0]
+    broken = cb.kernel_source().replace("A z = A(1);", "A z = A(1)", 1)
+    assert broken != cb.kernel_source()
+    with pytest.raises(CompileError, match="error"):
+        nvrtc_compile(broken, key.name_expressions, "--gpu-architecture=compute_80")
+
+
+def test_kernel_source_inlines_its_headers():
+    source = cb.kernel_source()
+    assert '#include "' not in source
+    assert "element_valid" in source and "construct_grad_kernel" in source
+
+
+@settings(max_examples=60)
+@given(cases(dtypes=("float16", "float32", "float64"), max_ndim=ndcls.MAX_DIMS, max_size=3, max_cells=2000))
+def test_dispatcher_requests_only_enumerated_specialisations(case):
+    key = cb.specialisation(case.spec)
+    assert key in set(cb.specialisations())
+    assert key.dtype == np.dtype(case.dtype).name and key.n_learned == len(case.learned_dims)

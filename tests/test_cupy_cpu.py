@@ -1,0 +1,276 @@
+"""CPU-only checks of the "cupy" backend: its CUDA kernels run by host emulation against the
+reference, its launch arithmetic, and its errors on machines without CuPy or a GPU.
+
+The emulation (tests/_cuda_emulator.py) compiles the backend's own CUDA source with g++; it
+checks the kernels' logic (indices, guards, tiling and fallback, gather and reductions), not
+CUDA's memory model or float16, which need a GPU (tests/test_cupy_gpu.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import _cuda_emulator as emu
+import ndcls
+from _cases import cases, draw_positions, learned_row_sizes
+from _tolerances import assert_close
+from conftest import HAS_GPU
+from ndcls._api import _prepare
+from ndcls._registry import _BACKENDS
+from ndcls.kernels import cupy_backend as cb
+
+EMULATED = "cupy-emulated"
+needs_gxx = pytest.mark.skipif(emu.compiler() is None, reason="needs g++ for the host emulation")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    ndcls.register_backend(ndcls.Backend(name=EMULATED, device="cpu", module="_cuda_emulator", dtypes=emu.DTYPES))
+    yield EMULATED
+    _BACKENDS.pop(EMULATED, None)
+
+
+def _compare(case, backend, **over):
+    assert_close(case.construct(backend, **over), case.construct("numpy", **over), what="K")
+    g = case.grad_kernel()
+    for name, a, e in zip(("weight", "positions", "sigma"), case.construct_grad(g, backend, **over), case.construct_grad(g, "numpy", **over)):
+        if e is None:
+            assert a is None
+        else:
+            assert_close(a, e, what=f"grad_{name}")
+
+
+# -- the kernels, emulated on the CPU ------------------------------------------------------------
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+def test_emulated_kernels_match_reference(emulated):
+    @settings(max_examples=40)
+    @given(cases(position_mode="around", max_count=3))
+    def prop(case):
+        _compare(case, emulated)
+
+    prop()
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+def test_emulated_kernels_with_poisoned_elements(emulated):
+    bad_p = [np.nan, np.inf, -np.inf, 1e30, -1e30]
+    bad_s = [np.nan, np.inf, -np.inf, 0.0, -1.0, 1e-6, 1e4]
+
+    @settings(max_examples=25)
+    @given(cases(position_mode="around", max_count=3, broadcast=False, noncontiguous=False))
+    def prop(case):
+        rng = np.random.default_rng(case.seed)
+        p = np.array(case.positions)
+        hit = rng.random(p.shape) < 0.3
+        p[hit] = rng.choice(bad_p, size=int(hit.sum()))
+        s = None
+        if case.sigma is not None:
+            s = np.array(case.sigma)
+            hit = rng.random(s.shape) < 0.3
+            s[hit] = rng.choice(bad_s, size=int(hit.sum()))
+        with np.errstate(all="ignore"):
+            p, s = p.astype(case.dtype), None if s is None else s.astype(case.dtype)
+        # no write outside K: K is a window of a larger buffer filled with a sentinel
+        call = _prepare(case.weight, p, s, None, case.sizes, case.interpolation, case.learned_dims, emulated)
+        spec, guard = call.spec, 32
+        buffer = np.full(spec.n_batch * spec.block + 2 * guard, -7.0, dtype=case.dtype)
+        out = buffer[guard : guard + spec.n_batch * spec.block].reshape(spec.n_batch, spec.block)
+        emu.construct(spec, call.weight, call.positions, call.sigma, out=out)
+        assert (buffer[:guard] == -7.0).all() and (buffer[-guard:] == -7.0).all()
+        _compare(case, emulated, positions=p, sigma=s)
+
+    prop()
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+def test_emulated_kernels_with_64bit_indices(emulated, monkeypatch):
+    monkeypatch.setattr(cb, "index_is_64bit", lambda spec: True)
+
+    @settings(max_examples=10)
+    @given(cases(position_mode="around", max_count=2))
+    def prop(case):
+        assert cb.specialisation(case.spec).int64
+        _compare(case, emulated)
+
+    prop()
+
+
+# Launch shapes that the emulated device (emu.LIMITS) puts on distinct code paths.
+PATHS = {
+    "tile of batch kernels": dict(sizes=(5, 4), batch=(6,), count=3, learned=None),
+    "one kernel, opt-in shared memory": dict(sizes=(24, 30), batch=(2,), count=2, learned=None),
+    "chunked fallback": dict(sizes=(40, 50), batch=(2,), count=3, learned=None),
+    "chunked fallback, dense axis pruning": dict(sizes=(30, 45), batch=(2,), count=2, learned=(1,)),
+    "whole-warp groups, long axes": dict(sizes=(60, 70), batch=(1,), count=2, learned=None),
+    "N4 M2": dict(sizes=(3, 4, 5, 6), batch=(2,), count=2, learned=(3, 1)),
+}
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("interpolation", ndcls.INTERPOLATIONS)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_emulated_launch_paths(emulated, path, interpolation):
+    e = PATHS[path]
+    rng = np.random.default_rng(1)
+    sizes, learned = e["sizes"], e["learned"] or tuple(range(len(e["sizes"])))
+    dense = tuple(sizes[a] for a in range(len(sizes)) if a not in learned)
+    w = rng.standard_normal((*e["batch"], *dense, e["count"]))
+    p = draw_positions(rng, (len(learned), *w.shape), learned_row_sizes(sizes, learned), "around")
+    s = rng.uniform(0.6, 3.0, size=p.shape) if interpolation != "bilinear" else None
+    kw = dict(sigma=s, interpolation=interpolation, learned_dims=e["learned"])
+    spec = _prepare(w, p, s, None, sizes, interpolation, e["learned"], "numpy").spec
+    launch = cb.forward_launch(spec, emu.LIMITS, threads=emu.THREADS)
+    if "chunked" in path:
+        assert launch.span < spec.block
+    elif "tile" in path:
+        assert launch.span >= 2 * spec.block
+    elif "opt-in" in path:
+        assert launch.span == spec.block and launch.shared > emu.LIMITS.shared_default
+    if "whole-warp" in path:
+        assert cb.backward_launch(spec, emu.LIMITS, threads=emu.THREADS).group == 32
+    k = ndcls.construct(w, p, sizes, backend=emulated, **kw)
+    assert_close(k, ndcls.construct(w, p, sizes, backend="numpy", **kw), what="K")
+    g = rng.standard_normal(k.shape)
+    got = ndcls.construct_grad(g, w, p, sizes, backend=emulated, **kw)
+    for a, b in zip(got, ndcls.construct_grad(g, w, p, sizes, backend="numpy", **kw)):
+        if b is not None:
+            assert_close(a, b, what="grad")
+    again = ndcls.construct_grad(g, w, p, sizes, backend=emulated, **kw)
+    for a, b in zip(got, again):  # the gather is deterministic
+        if b is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+# -- launch arithmetic for real devices ------------------------------------------------------------
+
+H100 = cb.DeviceLimits(n_sm=132, shared_default=48 * 1024, shared_optin=227 * 1024, capability=(9, 0))
+
+
+def _spec(sizes, batch, count, dtype="float32", interpolation="gauss", learned=None):
+    rows = tuple(range(len(sizes))) if learned is None else learned
+    w_shape = (*batch, *(sizes[a] for a in range(len(sizes)) if a not in rows), count)
+    p_shape = (len(rows), *w_shape)
+    normalised = interpolation != "bilinear"
+    return ndcls.KernelSpec.from_arguments(
+        weight_shape=w_shape,
+        weight_dtype=dtype,
+        positions_shape=p_shape,
+        positions_dtype=dtype,
+        sigma_shape=p_shape if normalised else None,
+        sigma_dtype=dtype if normalised else None,
+        sizes=sizes,
+        interpolation=interpolation,
+        learned_dims=learned,
+    )
+
+
+def test_forward_launch_tiles_whole_batch_kernels():
+    spec = _spec((23, 23), (256, 64), 26)
+    launch = cb.forward_launch(spec, H100)
+    assert launch.span % spec.block == 0 and launch.span > spec.block
+    assert launch.shared <= H100.shared_default
+    assert launch.grid * launch.span >= spec.n_batch * spec.block
+    assert launch.grid >= H100.n_sm
+
+
+def test_forward_launch_falls_back_to_chunks_for_huge_kernels():
+    spec = _spec((64, 64, 32), (2,), 4, dtype="float64")
+    launch = cb.forward_launch(spec, H100)
+    assert launch.span < spec.block and launch.shared <= H100.shared_optin
+    assert launch.grid == -(-spec.n_batch * spec.block // launch.span)
+
+
+def test_group_width_follows_the_support():
+    assert cb.forward_launch(_spec((7,), (4,), 3, interpolation="bilinear"), H100).group == 2
+    assert cb.forward_launch(_spec((7, 7), (4,), 3, interpolation="bilinear"), H100).group == 4
+    assert cb.forward_launch(_spec((7, 7), (4,), 3), H100).group == 32
+    assert cb.forward_launch(_spec((1, 1), (4,), 3), H100).group == 1
+
+
+def test_too_long_learned_axes_raise_a_clear_error():
+    spec = _spec((20000,), (1,), 1, dtype="float64")
+    with pytest.raises(ValueError, match=r"learned sizes \(20000,\).*numba-cuda"):
+        cb.backward_launch(spec, H100)
+
+
+def test_index_width():
+    assert not cb.index_is_64bit(_spec((23, 23), (256, 64), 26))
+    assert cb.index_is_64bit(_spec((64, 64, 64), (64, 64), 2))  # K over 2**30 cells
+    assert cb.index_is_64bit(_spec((3,), (1024, 1024), 1100))  # positions over 2**30 values, K small
+
+
+def test_layout_matches_spec():
+    spec = _spec((3, 4, 5, 6), (2,), 2, learned=(3, 1))
+    layout = cb.host_layout(spec, False)
+    assert layout.dtype == np.int32
+    m = spec.n_learned
+    assert tuple(layout[:m]) == spec.learned_sizes == (6, 4)
+    assert tuple(layout[m : 2 * m]) == spec.learned_strides == (1, 30)
+    np.testing.assert_array_equal(layout[2 * m :], spec.dense_offsets)
+
+
+# -- registration and errors without CuPy or a GPU -------------------------------------------------
+
+
+def test_registered_with_half_precision():
+    backend = ndcls.get_backend("cupy")
+    assert backend.device == "cuda" and backend.module == "ndcls.kernels.cupy_backend"
+    assert backend.supports("float16") and backend.supports("float32") and backend.supports("float64")
+    assert ndcls.default_backend("cuda") is backend
+
+
+def test_missing_cupy_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    w, p = np.ones((2, 3)), np.ones((2, 2, 3))
+    with pytest.raises(ImportError, match=r"pip install 'ndcls\[cuda\]'"):
+        ndcls.construct(w, p, (5, 5), backend="cupy")
+
+
+class _FakeCudaArray:
+    """Speaks DLPack and says it lives on cuda:0; cannot actually be exported."""
+
+    def __init__(self, shape):
+        self.shape = shape
+        self.dtype = np.dtype(np.float32)
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA
+
+    def __dlpack__(self, *args, **kwargs):
+        raise BufferError("this fake array has no memory")
+
+
+def test_fake_cuda_dlpack_array_gives_a_clear_error():
+    if HAS_GPU:
+        pytest.skip("a CUDA device is present: the fake array would reach its __dlpack__")
+    w, p = _FakeCudaArray((2, 3)), _FakeCudaArray((2, 2, 3))
+    with pytest.raises((RuntimeError, ImportError), match=r"cuda:0|ndcls\[cuda\]"):
+        ndcls.construct(w, p, (5, 5))
+
+
+def test_host_arrays_without_gpu_give_a_clear_error():
+    if HAS_GPU:
+        pytest.skip("a CUDA device is present")
+    pytest.importorskip("cupy")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        ndcls.construct(np.ones((2, 3)), np.ones((2, 2, 3)), (5, 5), backend="cupy")
+
+
+def test_importing_ndcls_does_not_import_cupy():
+    import os
+    import subprocess
+
+    code = "import sys, ndcls, ndcls.kernels.cupy_backend; print('cupy' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"
