@@ -38,9 +38,15 @@ class _Call:
     grad_kernel: object = None
 
 
+def _locate(backend, **arrays) -> tuple[ArrayContext, Backend]:
+    """The arrays' library and device, and the backend that will compute on them."""
+    ctx = array_context(**arrays)
+    return ctx, _select_backend(backend, ctx)
+
+
 def _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend) -> _Call:
-    ctx = array_context(weight=weight, positions=positions, sigma=sigma, grad_kernel=grad_kernel)
-    chosen = _select_backend(backend, ctx)
+    """Validate and canonicalise; any copy it makes runs on the current stream (see the callers)."""
+    ctx, chosen = _locate(backend, weight=weight, positions=positions, sigma=sigma, grad_kernel=grad_kernel)
     w, p, s, g = (ctx.to_compute(x) for x in (weight, positions, sigma, grad_kernel))
     w_shape, w_dtype = shape_and_dtype(w)
     p_shape, p_dtype = shape_and_dtype(p)
@@ -115,11 +121,12 @@ def construct(weight, positions, sizes, *, sigma=None, interpolation="bilinear",
         >>> K.shape, float(K.sum())
         ((1, 5, 5), 3.0)
     """
-    call = _prepare(weight, positions, sigma, None, sizes, interpolation, learned_dims, backend)
-    impl = call.backend.load()
-    with call.ctx.stream():
+    ctx, _ = _locate(backend, weight=weight, positions=positions, sigma=sigma)
+    with ctx.stream():  # the caller's stream, also for the copies _prepare may make
+        call = _prepare(weight, positions, sigma, None, sizes, interpolation, learned_dims, backend)
+        impl = call.backend.load()
         kernel = impl.construct(call.spec, call.weight, call.positions, call.sigma)
-    return call.ctx.from_compute(kernel.reshape(call.spec.kernel_shape))
+    return ctx.from_compute(kernel.reshape(call.spec.kernel_shape))
 
 
 def construct_grad(
@@ -136,12 +143,13 @@ def construct_grad(
         ``sigma`` (summed over the axes along which ``positions``/``sigma`` broadcast);
         ``grad_sigma`` is None for "bilinear".
     """
-    call = _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend)
-    impl = call.backend.load()
-    spec = call.spec
-    with call.ctx.stream():
+    ctx, _ = _locate(backend, weight=weight, positions=positions, sigma=sigma, grad_kernel=grad_kernel)
+    with ctx.stream():
+        call = _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend)
+        impl = call.backend.load()
+        spec = call.spec
         gw, gp, gs = impl.construct_grad(spec, call.grad_kernel, call.weight, call.positions, call.sigma)
         gw = gw.reshape(spec.weight_shape)
         gp = _reduce_to(gp, call.shapes["positions"], spec)
         gs = None if gs is None else _reduce_to(gs, call.shapes["sigma"], spec)
-    return tuple(call.ctx.from_compute(g) for g in (gw, gp, gs))
+    return tuple(ctx.from_compute(g) for g in (gw, gp, gs))

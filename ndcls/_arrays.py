@@ -136,7 +136,7 @@ class ArrayContext:
         """
         if not self.on_gpu:
             return contextlib.nullcontext()
-        cupy = import_cupy()
+        cupy = cupy_on_device(self.device[1])
         stack = contextlib.ExitStack()
         stack.enter_context(cupy.cuda.Device(self.device[1]))
         if self.library == "torch":
