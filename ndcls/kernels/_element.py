@@ -25,15 +25,15 @@ def element_valid(kind, p, s):
 def support(kind, p, s, size):
     """Half-open cell range ``[lo, hi)`` outside which the profile and its derivatives are 0.
 
-    Assumes :func:`element_valid`. The bounds are clamped to ``[0, size]`` as floats before
-    the cast, so any finite ``p`` and ``s`` are safe.
+    Assumes :func:`element_valid`. Compiled, ``math.floor``/``math.ceil`` return integers, so
+    their arguments are clamped to ``[-2, size + 1]`` first: any finite ``p`` and ``s`` are safe.
     """
     if kind == BILINEAR:
-        first = math.floor(p)
+        first = float(math.floor(min(max(p, -2.0), size + 1.0)))
         last = first + 1.0
     elif kind == TRIANGLE:
-        first = math.ceil(p - s)
-        last = math.floor(p + s)
+        first = float(math.ceil(min(max(p - s, -2.0), size + 1.0)))
+        last = float(math.floor(min(max(p + s, -2.0), size + 1.0)))
     else:
         return 0, size
     first = min(max(first, 0.0), float(size))
@@ -44,12 +44,32 @@ def support(kind, p, s, size):
 def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
     """Write the profile ``a[i]`` (and derivatives, if ``with_grad``) for ``i`` in ``[lo, hi)``.
 
-    Returns ``(sum a, sum da_dp, sum da_ds)`` over the range.
+    Returns ``(sum a, sum da_dp, sum da_ds)`` over the range. Self-contained (no calls), so it
+    compiles alike with ``numba.njit`` and as a CUDA device function.
     """
+    if kind == GAUSS:
+        # a[i] = exp(-((i - p) / s)**2 / 2) with 4 calls of exp: consecutive cells differ by a
+        # factor that itself changes by q = exp(-1 / s**2) per cell, so the profile is built
+        # outward from the cell nearest p by multiplication. Every factor is <= 1: nothing
+        # overflows, and values that underflow stay 0 (the true ones further out are smaller).
+        t = 1.0 / (s * s)
+        q = math.exp(-t)
+        c = int(math.floor(min(max(p + 0.5, float(lo)), hi - 1.0)))
+        peak = float(c)
+        d = peak - p
+        a[c] = math.exp(-0.5 * d * d * t)
+        ratio = math.exp(-(d + 0.5) * t)  # a[c + 1] / a[c]
+        for i in range(c + 1, hi):
+            a[i] = a[i - 1] * ratio
+            ratio *= q
+        ratio = math.exp((d - 0.5) * t)  # a[c - 1] / a[c]
+        for i in range(c - 1, lo - 1, -1):
+            a[i] = a[i + 1] * ratio
+            ratio *= q
     total = 0.0
     total_dp = 0.0
     total_ds = 0.0
-    floor_p = math.floor(p)
+    floor_p = float(math.floor(min(max(p, -2.0), hi + 1.0)))  # bilinear: p lies in [lo - 1, hi) here
     for i in range(lo, hi):
         x = float(i)
         value = 0.0
@@ -73,9 +93,9 @@ def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
                 elif x < p:
                     d_p = -1.0
         else:
-            u = (x - p) / s
-            value = math.exp(-0.5 * u * u)
+            value = a[i]
             if value > 0.0:
+                u = (x - p) / s
                 d_p = value * u / s
                 d_s = d_p * u
         a[i] = value

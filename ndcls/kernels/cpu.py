@@ -17,14 +17,14 @@ from numba import njit, prange
 from ndcls._spec import EPS
 from ndcls.kernels import _element
 
-_valid = njit(cache=True)(_element.element_valid)
-_support = njit(cache=True)(_element.support)
-_fill = njit(cache=True)(_element.fill_profile)
+_valid = njit(cache=True, inline="always")(_element.element_valid)
+_support = njit(cache=True, inline="always")(_element.support)
+_fill = njit(cache=True, inline="always")(_element.fill_profile)
 
 _INVALID, _EMPTY, _OK = 0, 1, 2
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, with_grad):
     """Profiles of element ``(b, d, c)`` along every learned axis; returns ``(status, Z)``.
 
@@ -48,7 +48,7 @@ def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_d
     return _OK, 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _advance(idx, lo, hi, last):
     """Odometer step over axes ``[0, last)``; False once every combination was visited."""
     j = last - 1
