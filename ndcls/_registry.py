@@ -93,3 +93,13 @@ register_backend(
         description="Numba CPU kernels, parallel over batch",
     )
 )
+register_backend(
+    Backend(
+        name="numba-cuda",
+        device="cuda",
+        module="ndcls.kernels.numba_cuda",
+        dtypes=("float32", "float64"),
+        install_hint="pip install 'ndcls[cuda]'",
+        description="Numba CUDA kernels: one block per batch index, shared-memory tiles (runs under NUMBA_ENABLE_CUDASIM=1)",
+    )
+)
