@@ -74,15 +74,15 @@ _SUMS_LEN = 3 * MAX_DIMS  # local arrays need a module-level constant size
 @cuda.jit(device=True)
 def _unpack_layout(layout, n_dense_axes, m, sizes, strides, dsizes, dstrides, roff):
     """Copy the padded layout tuple into local arrays; ``roff[j]``: start of row j in a profile slot."""
-    start = 0
-    for j in range(m):
+    for j in range(MAX_DIMS):  # constant trip count: unrolled, so the tuple is indexed statically
         sizes[j] = layout[j]
         strides[j] = layout[MAX_DIMS + j]
+        dsizes[j] = layout[2 * MAX_DIMS + j]
+        dstrides[j] = layout[3 * MAX_DIMS + j]
+    start = 0
+    for j in range(m):
         roff[j] = start
         start += sizes[j]
-    for k in range(n_dense_axes):
-        dsizes[k] = layout[2 * MAX_DIMS + k]
-        dstrides[k] = layout[3 * MAX_DIMS + k]
 
 
 @cuda.jit(device=True)
@@ -485,19 +485,19 @@ class _Launch:
             return cuda.as_cuda_array(x, sync=False)
         return cuda.to_device(x, stream=self.stream)
 
-    def empty(self, shape, dtype):
-        """(caller-visible array, device view)."""
+    def empty(self, shape, dtype, out=None):
+        """``(caller-visible array or None, device view or None)``; ``out`` is used if given."""
+        size = math.prod(shape)
         if self.device:
-            host = self.cupy.empty(shape, dtype=dtype)
-            return host, cuda.as_cuda_array(host, sync=False)
-        return None, cuda.device_array(shape, dtype=dtype, stream=self.stream)
+            host = self.cupy.empty(shape, dtype=dtype) if out is None else out
+            return host, (cuda.as_cuda_array(host, sync=False) if size else None)
+        host = np.empty(shape, dtype=dtype) if out is None else out
+        return host, (cuda.device_array(shape, dtype=dtype, stream=self.stream) if size else None)
 
-    def result(self, pair, out=None):
-        caller, dev = pair
-        if self.device:
-            return caller
-        host = np.empty(dev.shape, dtype=dev.dtype) if out is None else out
-        if host.size:
+    def result(self, pair):
+        """The caller's array, copied back from the device for NumPy callers."""
+        host, dev = pair
+        if not self.device and dev is not None:
             dev.copy_to_host(host, stream=self.stream)
             self.stream.synchronize()
         return host
@@ -511,13 +511,12 @@ def construct(spec, weight, positions, sigma, out=None):
     """``K`` (B, prod(sizes)) from weight (B, D, C), positions and sigma (M, B, D, C)."""
     kind = _element.INTERPOLATION_CODES[spec.interpolation]
     launch = _Launch((weight, positions, sigma, out))
-    shape = (spec.n_batch, spec.block)
-    if out is not None and launch.device:
-        target = (out, cuda.as_cuda_array(out, sync=False))
-    else:
-        target = launch.empty(shape, spec.dtype)
-    if spec.n_batch == 0 or spec.block == 0:
-        return launch.result(target, out)
+    target = launch.empty((spec.n_batch, spec.block), spec.dtype, out)
+    if target[1] is None:
+        return target[0]
+    if weight.size == 0:  # count 0: nothing to scatter
+        target[0][...] = 0
+        return target[0]
     threads, shared_tile, dyn_bytes = plan(spec, "forward")
     w = launch.to_device(weight)
     p = launch.to_device(positions)
@@ -526,7 +525,7 @@ def construct(spec, weight, positions, sigma, out=None):
     kernel[_grid(spec.n_batch), threads, launch.stream, dyn_bytes](
         w, p, s, target[1], _layout(spec), spec.ndim - spec.n_learned, sum(spec.learned_sizes)
     )
-    return launch.result(target, out)
+    return launch.result(target)
 
 
 def construct_grad(spec, grad_kernel, weight, positions, sigma):
@@ -536,7 +535,7 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
     gw = launch.empty(weight.shape, spec.dtype)
     gp = launch.empty(positions.shape, spec.dtype)
     gs = launch.empty(positions.shape, spec.dtype) if spec.normalised else None
-    if spec.n_batch > 0 and spec.n_dense * spec.count > 0:
+    if gw[1] is not None:  # some element exists
         threads, shared_tile, dyn_bytes = plan(spec, "backward")
         g = launch.to_device(grad_kernel)
         w = launch.to_device(weight)
