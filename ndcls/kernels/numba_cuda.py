@@ -31,9 +31,8 @@ memory-bound kernels.
 Specialisations: interpolation and tile placement (shared or global) are compile-time (one
 kernel factory per pair, memoised); dtype (float32, float64) by Numba's per-signature
 dispatch. N, M, sizes, strides and counts are runtime arguments (a padded layout tuple), so a
-new layer shape never recompiles. float16 is not supported (Numba has no float16 atomics on
-shared float64 tiles to build on and the reference has no float16 path): the backend's dtypes
-exclude it.
+new layer shape never recompiles. float16 is not supported (the reference has no float16
+path to test against): the backend's dtypes exclude it, so the API raises a TypeError.
 
 Arrays: NumPy inputs are copied to the device and results copied back (this is also how the
 kernels run under ``NUMBA_ENABLE_CUDASIM=1``); CuPy inputs (anything with
