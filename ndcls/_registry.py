@@ -101,5 +101,11 @@ register_backend(
         dtypes=("float16", "float32", "float64"),
         install_hint="pip install 'ndcls[cuda]'",
         description="CUDA C++ kernels compiled with NVRTC through CuPy RawModule (float16 computes in float32)",
+        name="numba-cuda",
+        device="cuda",
+        module="ndcls.kernels.numba_cuda",
+        dtypes=("float32", "float64"),
+        install_hint="pip install 'ndcls[cuda]'",
+        description="Numba CUDA kernels: one block per batch index, shared-memory tiles (runs under NUMBA_ENABLE_CUDASIM=1)",
     )
 )
