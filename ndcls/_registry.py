@@ -101,6 +101,10 @@ register_backend(
         dtypes=("float16", "float32", "float64"),
         install_hint="pip install 'ndcls[cuda]'",
         description="CUDA C++ kernels compiled with NVRTC through CuPy RawModule (float16 computes in float32)",
+    )
+)
+register_backend(
+    Backend(
         name="numba-cuda",
         device="cuda",
         module="ndcls.kernels.numba_cuda",
