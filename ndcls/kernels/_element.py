@@ -41,6 +41,16 @@ def support(kind, p, s, size):
     return int(first), int(last)
 
 
+def bilinear_cell(p, size):
+    """Lower corner ``floor(p)`` (an int) and fraction ``r = p - floor(p)`` of a finite position.
+
+    The floor is taken of ``p`` clamped to ``[-2, size + 1]``: when the clamp acts, both corners
+    lie outside the kernel and ``r`` is never used.
+    """
+    f = math.floor(min(max(p, -2.0), size + 1.0))
+    return int(f), p - f
+
+
 def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
     """Write the profile ``a[i]`` (and derivatives, if ``with_grad``) for ``i`` in ``[lo, hi)``.
 

@@ -20,6 +20,7 @@ from ndcls.kernels import _element
 _valid = njit(cache=True, inline="always")(_element.element_valid)
 _support = njit(cache=True, inline="always")(_element.support)
 _fill = njit(cache=True, inline="always")(_element.fill_profile)
+_bilinear_cell = njit(cache=True, inline="always")(_element.bilinear_cell)
 
 _INVALID, _EMPTY, _OK = 0, 1, 2
 
@@ -49,6 +50,32 @@ def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_d
 
 
 @njit(cache=True, inline="always")
+def _corners(positions, b, d, c, sizes, corner, frac):
+    """Bilinear: lower corner and fraction of element ``(b, d, c)`` per axis; False if invalid."""
+    for j in range(positions.shape[0]):
+        p = positions[j, b, d, c]
+        if not _valid(_element.BILINEAR, p, p):
+            return False
+        corner[j], frac[j] = _bilinear_cell(p, sizes[j])
+    return True
+
+
+@njit(cache=True, inline="always")
+def _corner_cell(k, corner, frac, sizes, strides, factors):
+    """Offset in the block of corner ``k`` (bit j: upper along row j), or -1 if outside the kernel;
+    fills ``factors[j]`` with the corner's interpolation factor along row j."""
+    offset = 0
+    for j in range(corner.shape[0]):
+        upper = (k >> j) & 1
+        i = corner[j] + upper
+        if i < 0 or i >= sizes[j]:
+            return -1
+        factors[j] = frac[j] if upper else 1.0 - frac[j]
+        offset += i * strides[j]
+    return offset
+
+
+@njit(cache=True, inline="always")
 def _advance(idx, lo, hi, last):
     """Odometer step over axes ``[0, last)``; False once every combination was visited."""
     j = last - 1
@@ -75,11 +102,25 @@ def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets
         lo = np.empty(m, np.int64)
         hi = np.empty(m, np.int64)
         idx = np.empty(m, np.int64)
+        corner = np.empty(m, np.int64)
+        frac = np.empty(m)
+        factors = np.empty(m)
         for b in range(chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks):
             out = kernel[b]
             out[:] = 0
             for d in range(n_dense):
                 for c in range(count):
+                    if kind == _element.BILINEAR:  # scatter the 2**M corners
+                        if not _corners(positions, b, d, c, sizes, corner, frac):
+                            continue
+                        for k in range(1 << m):
+                            offset = _corner_cell(k, corner, frac, sizes, strides, factors)
+                            if offset >= 0:
+                                value = weight[b, d, c]
+                                for j in range(m):
+                                    value *= factors[j]
+                                out[dense_offsets[d] + offset] += value
+                        continue
                     status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False)
                     if status != _OK:
                         continue
@@ -118,10 +159,41 @@ def _construct_grad(
         idx = np.empty(m, np.int64)
         u = np.empty(m)  # sum of G * d(prod a)/dp_j over the support
         v = np.empty(m)  # sum of G * d(prod a)/ds_j
+        corner = np.empty(m, np.int64)
+        frac = np.empty(m)
+        factors = np.empty(m)
         for b in range(chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks):
             g_block = grad_kernel[b]
             for d in range(n_dense):
                 for c in range(count):
+                    if kind == _element.BILINEAR:  # gather the 2**M corners
+                        if not _corners(positions, b, d, c, sizes, corner, frac):
+                            grad_w[b, d, c] = np.nan
+                            for j in range(m):
+                                grad_p[j, b, d, c] = np.nan
+                            continue
+                        t = 0.0
+                        u[:] = 0.0
+                        for k in range(1 << m):
+                            offset = _corner_cell(k, corner, frac, sizes, strides, factors)
+                            if offset < 0:
+                                continue
+                            g = g_block[dense_offsets[d] + offset]
+                            share = g
+                            for j in range(m):
+                                share *= factors[j]
+                            t += share
+                            for j in range(m):  # d(factor_j)/dp_j is +1 at the upper corner, -1 at the lower
+                                rest = g if (k >> j) & 1 else -g
+                                for i in range(m):
+                                    if i != j:
+                                        rest *= factors[i]
+                                u[j] += rest
+                        w = weight[b, d, c]
+                        grad_w[b, d, c] = t
+                        for j in range(m):
+                            grad_p[j, b, d, c] = w * u[j]
+                        continue
                     status, z = _profiles(
                         kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True
                     )
