@@ -62,20 +62,21 @@ def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
         # factor that itself changes by q = exp(-1 / s**2) per cell, so the profile is built
         # outward from the cell nearest p by multiplication. Every factor is <= 1: nothing
         # overflows, and values that underflow stay 0 (the true ones further out are smaller).
-        t = 1.0 / (s * s)
-        q = math.exp(-t)
+        q = math.exp(-(1.0 / s) / s)  # divided twice: s * s may underflow to 0
         c = int(math.floor(min(max(p + 0.5, float(lo)), hi - 1.0)))
-        peak = float(c)
-        d = peak - p
-        a[c] = math.exp(-0.5 * d * d * t)
-        ratio = math.exp(-(d + 0.5) * t)  # a[c + 1] / a[c]
-        for i in range(c + 1, hi):
-            a[i] = a[i - 1] * ratio
-            ratio *= q
-        ratio = math.exp((d - 0.5) * t)  # a[c - 1] / a[c]
-        for i in range(c - 1, lo - 1, -1):
-            a[i] = a[i + 1] * ratio
-            ratio *= q
+        d = float(c) - p
+        u = d / s
+        a[c] = math.exp(-0.5 * u * u)
+        if c + 1 < hi:  # c = floor(max(p + 0.5, lo)) > p - 0.5, so d + 0.5 > 0: exponent <= 0
+            ratio = math.exp(-((d + 0.5) / s) / s)  # a[c + 1] / a[c]
+            for i in range(c + 1, hi):
+                a[i] = a[i - 1] * ratio
+                ratio *= q
+        if c > lo:  # c = floor(min(p + 0.5, hi - 1)) <= p + 0.5, so d - 0.5 <= 0
+            ratio = math.exp(((d - 0.5) / s) / s)  # a[c - 1] / a[c]
+            for i in range(c - 1, lo - 1, -1):
+                a[i] = a[i + 1] * ratio
+                ratio *= q
     total = 0.0
     total_dp = 0.0
     total_ds = 0.0
