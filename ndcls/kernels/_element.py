@@ -105,7 +105,7 @@ def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
                     d_p = -1.0
         else:
             value = a[i]
-            if value > 0.0:
+            if with_grad and value > 0.0:
                 u = (x - p) / s
                 d_p = value * u / s
                 d_s = d_p * u

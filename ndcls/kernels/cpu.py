@@ -23,6 +23,9 @@ _fill = njit(cache=True, inline="always")(_element.fill_profile)
 _bilinear_cell = njit(cache=True, inline="always")(_element.bilinear_cell)
 
 _INVALID, _EMPTY, _OK = 0, 1, 2
+# Reassociation and contraction let LLVM vectorise the inner sums; no flag assumes finite
+# values, so NaN and inf propagate as without fastmath.
+_FASTMATH = {"reassoc", "contract"}
 
 
 @njit(cache=True, inline="always")
@@ -88,7 +91,7 @@ def _advance(idx, lo, hi, last):
     return False
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets, sizes, strides, n_chunks):
     n_batch, n_dense, count = weight.shape
     m = positions.shape[0]
@@ -133,13 +136,17 @@ def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets
                         for j in range(last):
                             outer *= a[j, idx[j]]
                             offset += idx[j] * strides[j]
-                        for i in range(lo[last], hi[last]):
-                            out[offset + i * step] += outer * a[last, i]
+                        if step == 1:  # the usual layout: a contiguous run LLVM can vectorise
+                            for i in range(lo[last], hi[last]):
+                                out[offset + i] += outer * a[last, i]
+                        else:
+                            for i in range(lo[last], hi[last]):
+                                out[offset + i * step] += outer * a[last, i]
                         if not _advance(idx, lo, hi, last):
                             break
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _construct_grad(
     kind, normalised, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s, dense_offsets, sizes, strides, n_chunks
 ):
