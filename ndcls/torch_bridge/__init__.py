@@ -1,0 +1,13 @@
+"""torch bridge of ndcls: a differentiable ``construct`` and drop-in DCLS layers.
+
+Imported explicitly (``import ndcls.torch_bridge``); ``import ndcls`` alone never imports torch.
+
+* :func:`construct` -- the differentiable construction (a torch custom op, ``torch.compile``-able);
+* layers :class:`Dcls1d`, :class:`Dcls2d`, :class:`Dcls3d`, :class:`Dcls2_1d`, :class:`Dcls3_1d`,
+  :class:`Dcls3_2d`, :class:`Dcls2dK1d` -- drop-in replacements for the reference ``dcls`` package.
+"""
+
+from ndcls.torch_bridge._ops import construct
+from ndcls.torch_bridge.layers import Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3_2d, Dcls3d
+
+__all__ = ["construct", "Dcls1d", "Dcls2d", "Dcls3d", "Dcls2_1d", "Dcls3_1d", "Dcls3_2d", "Dcls2dK1d"]

@@ -1,0 +1,135 @@
+"""The differentiable construction: two torch custom ops over ``ndcls.construct``/``construct_grad``.
+
+``ndcls::construct`` builds K; ``ndcls::construct_backward`` returns the three gradients. Both
+have fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them
+without graph breaks, and the autograd formula of the first calls the second, so the backward
+graph is traceable too. The kernels themselves are the array API's: tensors go through DLPack
+without copies (CPU tensors to the Numba backend, CUDA tensors to CuPy on torch's current
+stream).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+import ndcls
+from ndcls._spec import normalise_learned_dims, normalise_sizes
+
+
+@torch.library.custom_op("ndcls::construct", mutates_args=())
+def _construct_op(
+    weight: Tensor,
+    positions: Tensor,
+    sizes: list[int],
+    sigma: Optional[Tensor],
+    interpolation: str,
+    learned_dims: list[int],
+) -> Tensor:
+    return ndcls.construct(
+        weight, positions, sizes, sigma=sigma, interpolation=interpolation, learned_dims=learned_dims
+    )
+
+
+@_construct_op.register_fake
+def _(weight, positions, sizes, sigma, interpolation, learned_dims):
+    n_dense = len(sizes) - len(learned_dims)
+    batch = weight.shape[: weight.dim() - 1 - n_dense]
+    return weight.new_empty((*batch, *sizes))
+
+
+@torch.library.custom_op("ndcls::construct_backward", mutates_args=())
+def _construct_backward_op(
+    grad_kernel: Tensor,
+    weight: Tensor,
+    positions: Tensor,
+    sizes: list[int],
+    sigma: Optional[Tensor],
+    interpolation: str,
+    learned_dims: list[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    gw, gp, gs = ndcls.construct_grad(
+        grad_kernel, weight, positions, sizes, sigma=sigma, interpolation=interpolation, learned_dims=learned_dims
+    )
+    # A custom op returns tensors: an empty one stands for "no sigma gradient" (bilinear).
+    return gw, gp, (gs if gs is not None else weight.new_empty((0,)))
+
+
+@_construct_backward_op.register_fake
+def _(grad_kernel, weight, positions, sizes, sigma, interpolation, learned_dims):
+    gs = torch.empty_like(sigma, memory_format=torch.contiguous_format) if sigma is not None else weight.new_empty((0,))
+    return (
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(positions, memory_format=torch.contiguous_format),
+        gs,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    weight, positions, sizes, sigma, interpolation, learned_dims = inputs
+    ctx.save_for_backward(weight, positions, sigma)
+    ctx.sizes, ctx.interpolation, ctx.learned_dims = sizes, interpolation, learned_dims
+
+
+def _backward(ctx, grad_kernel):
+    weight, positions, sigma = ctx.saved_tensors
+    need_w, need_p, _, need_s, _, _ = ctx.needs_input_grad
+    if not (need_w or need_p or need_s):
+        return None, None, None, None, None, None
+    gw, gp, gs = _construct_backward_op(
+        grad_kernel, weight, positions, ctx.sizes, sigma, ctx.interpolation, ctx.learned_dims
+    )
+    return (
+        gw if need_w else None,
+        gp if need_p else None,
+        None,
+        gs if (need_s and sigma is not None) else None,
+        None,
+        None,
+    )
+
+
+_construct_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def construct(
+    weight: Tensor,
+    positions: Tensor,
+    sizes: Sequence[int] | int,
+    *,
+    sigma: Optional[Tensor] = None,
+    interpolation: str = "bilinear",
+    learned_dims: Sequence[int] | int | None = None,
+) -> Tensor:
+    """Differentiable :func:`ndcls.construct` on torch tensors (CPU or CUDA).
+
+    Args:
+        weight: ``(*batch, *dense_sizes, count)`` floating tensor.
+        positions: ``(M, *batch, *dense_sizes, count)`` kernel index coordinates (cell ``i`` sits
+            at ``i``), same dtype and device; batch axes may be 1 (shared positions).
+        sizes: the N kernel sizes.
+        sigma: widths shaped like ``positions`` for "triangle" and "gauss"; None for "bilinear".
+        interpolation: "bilinear", "triangle" or "gauss".
+        learned_dims: the M kernel axes moved by the rows of ``positions``; default all, in order.
+
+    Returns:
+        ``K`` of shape ``(*batch, *sizes)``. Gradients flow to ``weight``, ``positions`` and
+        ``sigma`` (only to those that require them; broadcast positions get summed gradients).
+
+    Example::
+
+        >>> import torch
+        >>> from ndcls.torch_bridge import construct
+        >>> w = torch.ones(4, 3, requires_grad=True)             # batch 4, count 3
+        >>> p = torch.full((2, 1, 3), 2.5, requires_grad=True)   # shared by the 4 kernels
+        >>> K = construct(w, p, (5, 5))
+        >>> K.shape
+        torch.Size([4, 5, 5])
+        >>> K.sum().backward(); p.grad.shape
+        torch.Size([2, 1, 3])
+    """
+    sizes = list(normalise_sizes(sizes))
+    learned = list(normalise_learned_dims(learned_dims, len(sizes)))
+    return _construct_op(weight, positions, sizes, sigma, interpolation, learned)

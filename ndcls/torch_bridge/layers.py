@@ -1,0 +1,353 @@
+"""Drop-in DCLS convolution layers, compatible with the reference implementation (PyPI ``dcls``).
+
+One generic layer, :class:`_DclsNMd`, covers every kind: an ``N``-dimensional convolution whose
+kernel has ``M`` learned axes (the last ``M`` kernel axes) and ``N - M`` dense ones. The public
+classes only fix ``N``, ``M`` and the reference's constructor signature:
+
+============  ===  ===  =====================================================
+layer          N    M    kernel axes (after ``out_channels, in_channels // groups``)
+============  ===  ===  =====================================================
+Dcls1d         1    1    dilated
+Dcls2d         2    2    dilated, dilated
+Dcls3d         3    3    dilated, dilated, dilated
+Dcls2_1d       2    1    dense, dilated
+Dcls3_1d       3    1    dense, dense, dilated
+Dcls3_2d       3    2    dense, dilated, dilated
+Dcls2dK1d      2    1    a 1-D dilated kernel laid along one axis of a 2-D conv
+============  ===  ===  =====================================================
+
+Parameters have the reference's names, shapes and initialisation: ``weight``
+``(out, in // groups, *dense, count)``, ``P`` and ``SIG`` ``(M, out, in // groups, *dense, count)``
+(``SIG`` only for ``version`` "gauss" and "max"), ``bias`` ``(out,)``. ``P`` is centred: row ``j``
+of ``P`` puts an element at kernel index ``P[j] + size // 2`` along the axis it moves.
+
+.. note:: Differences from the reference implementation (docs/torch.md): row ``j`` of ``P`` is
+   centred and clamped with the size of the axis it actually moves (the reference uses the
+   size of axis ``j``, which is only the same for square and cubic kernels), and
+   :meth:`clamp_parameters` keeps positions inside the kernel for even sizes too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.modules.utils import _ntuple
+
+from ndcls.torch_bridge._ops import construct
+
+VERSIONS = ("v0", "v1", "max", "gauss")
+#: version -> (interpolation, constant added to abs(SIG) for the width, or None without SIG)
+_VERSION_KERNEL = {
+    "v0": ("bilinear", None),
+    "v1": ("triangle", None),  # width 1, no SIG parameter
+    "max": ("triangle", 1.0),
+    "gauss": ("gauss", 0.27),
+}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def row_axes(learned_axes: Sequence[int], version: str) -> tuple[int, ...]:
+    """Kernel axis moved by each row of ``P``, in the reference implementation's order.
+
+    For "v1", "max" and "gauss" the rows run over the learned axes in reverse (``P[0]`` moves
+    the last one); for "v0" they run in order, except that in 3-D rows 1 and 2 are swapped.
+    """
+    axes = tuple(learned_axes)
+    if version != "v0":
+        return axes[::-1]
+    return (axes[0], axes[2], axes[1]) if len(axes) == 3 else axes
+
+
+class _DclsNMd(nn.Module):
+    """Generic DCLS convolution: ``N``-D conv, kernel learned along its last ``M`` axes.
+
+    Args (besides the reference's constructor arguments, see the public classes):
+        conv_dims: N, the convolution's dimensionality.
+        dense_kernel_size: sizes of the N - M dense kernel axes (they come first).
+        dilated_kernel_size: sizes of the M learned kernel axes (they come last).
+        position_init: "normal" (N(0, 0.5) clamped, the reference's N-D layers) or "uniform"
+            (uniform over the kernel, the reference's N-M-D layers).
+        conv_kernel_size: shape the constructed kernel is viewed as before the convolution
+            (only Dcls2dK1d sets it: a 1-D kernel with a size-1 axis inserted).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_count: int,
+        stride,
+        padding,
+        dense_kernel_size: Sequence[int],
+        dilated_kernel_size: Sequence[int],
+        groups: int,
+        bias: bool,
+        padding_mode: str,
+        version: str,
+        *,
+        conv_dims: int,
+        position_init: str,
+        conv_kernel_size: Optional[Sequence[int]] = None,
+    ) -> None:
+        super().__init__()
+        if in_channels % groups != 0:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+        if out_channels % groups != 0:
+            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+        if kernel_count < 1:
+            raise ValueError(f"kernel_count must be >= 1, got {kernel_count}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_count = kernel_count
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.version = version
+        self.conv_dims = conv_dims
+        self.position_init = position_init
+        self.dense_kernel_size = tuple(dense_kernel_size)
+        self.dilated_kernel_size = tuple(dilated_kernel_size)
+        #: sizes of the constructed kernel: dense axes first, learned axes last
+        self.kernel_sizes = self.dense_kernel_size + self.dilated_kernel_size
+        if any(s < 1 for s in self.kernel_sizes):
+            raise ValueError(f"kernel sizes must be >= 1, got {self.kernel_sizes}")
+        self.conv_kernel_size = tuple(conv_kernel_size) if conv_kernel_size is not None else self.kernel_sizes
+        n_dense, m = len(self.dense_kernel_size), len(self.dilated_kernel_size)
+        #: kernel axis (of ``kernel_sizes``) moved by each row of P
+        self.row_axes = row_axes(range(n_dense, n_dense + m), version)
+        row_sizes = [self.kernel_sizes[a] for a in self.row_axes]
+        #: per row of P: the centre offset and the clamp range that keeps positions in the kernel
+        self.position_limits = tuple((-(s // 2), s - 1 - s // 2) for s in row_sizes)
+        self.register_buffer(
+            "_centre", torch.tensor([float(s // 2) for s in row_sizes]).view(m, *([1] * (2 + n_dense + 1))),
+            persistent=False,
+        )
+        self.stride = _ntuple(conv_dims)(stride)
+        self.padding, self._reversed_padding_repeated_twice = self._parse_padding(padding)
+
+        shape = (out_channels, in_channels // groups, *self.dense_kernel_size, kernel_count)
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.P = nn.Parameter(torch.empty((m, *shape)))
+        if _VERSION_KERNEL[version][1] is not None:
+            self.SIG = nn.Parameter(torch.empty((m, *shape)))
+        else:
+            self.register_parameter("SIG", None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def _parse_padding(self, padding):
+        """``padding`` as nn.ConvNd keeps it, and the F.pad amounts for non-zero padding modes."""
+        n = self.conv_dims
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a tuple of {n} ints, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            amounts = []
+            for k in reversed(self.conv_kernel_size):
+                total = 0 if padding == "valid" else k - 1
+                amounts += [total // 2, total - total // 2]
+            return padding, tuple(amounts)
+        padding = _ntuple(n)(padding)
+        if len(padding) != n:
+            raise ValueError(f"padding must have {n} entries, got {padding}")
+        return padding, tuple(p for p in reversed(padding) for _ in range(2))
+
+    # -- parameters ------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """The reference's initialisation (same random draws, in the same order)."""
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            for j, (lo, hi) in enumerate(self.position_limits):
+                if self.position_init == "normal":
+                    init.normal_(self.P[j], 0, 0.5).clamp_(lo, hi)
+                else:
+                    init.uniform_(self.P[j], lo, hi)
+            if self.SIG is not None:
+                init.constant_(self.SIG, 0.23 if self.version == "gauss" else 0.0)
+
+    @torch.no_grad()
+    def clamp_parameters(self) -> None:
+        """Keep every position inside the kernel: ``0 <= P[j] + size // 2 <= size - 1``."""
+        for j, (lo, hi) in enumerate(self.position_limits):
+            self.P[j].clamp_(lo, hi)
+
+    # -- the kernel ------------------------------------------------------------------------
+    def kernel_positions(self) -> Tensor:
+        """Element positions in kernel index coordinates, ``(M, out, in // groups, *dense, count)``;
+        row ``j`` along kernel axis ``row_axes[j]``."""
+        return self.P + self._centre.to(self.P.dtype)
+
+    def kernel_sigma(self) -> Optional[Tensor]:
+        """Effective widths of the elements (None for "v0")."""
+        interpolation, offset = _VERSION_KERNEL[self.version]
+        if interpolation == "bilinear":
+            return None
+        if offset is None:  # v1: width 1
+            return torch.ones((), dtype=self.P.dtype, device=self.P.device).expand_as(self.P)
+        return self.SIG.abs() + offset
+
+    def construct_kernel(self) -> Tensor:
+        """The dense convolution weight, ``(out, in // groups, *conv_kernel_size)``."""
+        K = construct(
+            self.weight,
+            self.kernel_positions(),
+            self.kernel_sizes,
+            sigma=self.kernel_sigma(),
+            interpolation=_VERSION_KERNEL[self.version][0],
+            learned_dims=self.row_axes,
+        )
+        return K.reshape(self.out_channels, self.in_channels // self.groups, *self.conv_kernel_size)
+
+    def _conv(self, input: Tensor, kernel: Tensor) -> Tensor:
+        conv = _CONV[self.conv_dims]
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv(input, kernel, self.bias, self.stride, 0, 1, self.groups)
+        return conv(input, kernel, self.bias, self.stride, self.padding, 1, self.groups)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv(input, self.construct_kernel())
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, stride={self.stride}"
+        s += f", version={self.version}"
+        if self.padding != (0,) * self.conv_dims:
+            s += f", padding={self.padding}"
+        if self.dense_kernel_size:
+            s += f", dense_kernel_size={self.dense_kernel_size}"
+        s += f", dilated_kernel_size={self.dilated_kernel_size}"
+        if self.conv_kernel_size != self.kernel_sizes:
+            s += f", conv_kernel_size={self.conv_kernel_size}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s
+
+
+class Dcls1d(_DclsNMd):
+    """1-D DCLS convolution (reference: ``DCLS.construct.modules.Dcls1d``).
+
+    Input ``(batch, in_channels, L)``; ``weight`` ``(out, in // groups, count)``, ``P`` and ``SIG``
+    ``(1, out, in // groups, count)``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dilated_kernel_size=1,
+                 groups=1, bias=True, padding_mode="zeros", version="gauss"):
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding, (),
+                         _ntuple(1)(dilated_kernel_size), groups, bias, padding_mode, version,
+                         conv_dims=1, position_init="normal")
+
+
+class Dcls2d(_DclsNMd):
+    """2-D DCLS convolution (reference: ``Dcls2d``); ``P`` is ``(2, out, in // groups, count)``.
+
+    Example::
+
+        >>> import torch
+        >>> from ndcls.torch_bridge import Dcls2d
+        >>> m = Dcls2d(96, 96, kernel_count=34, dilated_kernel_size=17, padding=8, groups=96)
+        >>> m(torch.randn(1, 96, 20, 20)).shape
+        torch.Size([1, 96, 20, 20])
+
+    ``use_implicit_gemm`` is accepted for signature compatibility and ignored (the reference
+    uses it for an optional CUDA depthwise kernel).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dilated_kernel_size=1,
+                 groups=1, bias=True, padding_mode="zeros", version="gauss", use_implicit_gemm=True):
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding, (),
+                         _ntuple(2)(dilated_kernel_size), groups, bias, padding_mode, version,
+                         conv_dims=2, position_init="normal")
+
+
+class Dcls3d(_DclsNMd):
+    """3-D DCLS convolution (reference: ``Dcls3d``); ``P`` is ``(3, out, in // groups, count)``."""
+
+    def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dilated_kernel_size=1,
+                 groups=1, bias=True, padding_mode="zeros", version="gauss"):
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding, (),
+                         _ntuple(3)(dilated_kernel_size), groups, bias, padding_mode, version,
+                         conv_dims=3, position_init="normal")
+
+
+class Dcls2_1d(_DclsNMd):
+    """2-D convolution, kernel dense along axis 0 and learned along axis 1.
+
+    ``weight`` ``(out, in // groups, dense, count)``, ``P``/``SIG`` ``(1, out, in // groups, dense,
+    count)``. Not in the reference package; follows its Dcls3_1d conventions.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dense_kernel_size=1,
+                 dilated_kernel_size=1, groups=1, bias=True, padding_mode="zeros", version="gauss"):
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding, _ntuple(1)(dense_kernel_size),
+                         _ntuple(1)(dilated_kernel_size), groups, bias, padding_mode, version,
+                         conv_dims=2, position_init="uniform")
+
+
+class Dcls3_1d(_DclsNMd):
+    """3-D convolution, kernel dense along axes 0, 1 and learned along axis 2 (reference: ``Dcls3_1d``).
+
+    ``weight`` ``(out, in // groups, d0, d1, count)``, ``P``/``SIG`` ``(1, out, in // groups, d0, d1, count)``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dense_kernel_size=1,
+                 dilated_kernel_size=1, groups=1, bias=True, padding_mode="zeros", version="gauss"):
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding, _ntuple(2)(dense_kernel_size),
+                         _ntuple(1)(dilated_kernel_size), groups, bias, padding_mode, version,
+                         conv_dims=3, position_init="uniform")
+
+
+class Dcls3_2d(_DclsNMd):
+    """3-D convolution, kernel dense along axis 0 and learned along axes 1, 2.
+
+    ``weight`` ``(out, in // groups, dense, count)``, ``P``/``SIG`` ``(2, out, in // groups, dense,
+    count)``; rows of ``P`` follow Dcls2d's order (for "v1"/"max"/"gauss" ``P[0]`` moves axis 2).
+    Not in the reference package.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dense_kernel_size=1,
+                 dilated_kernel_size=1, groups=1, bias=True, padding_mode="zeros", version="gauss"):
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding, _ntuple(1)(dense_kernel_size),
+                         _ntuple(2)(dilated_kernel_size), groups, bias, padding_mode, version,
+                         conv_dims=3, position_init="uniform")
+
+
+class Dcls2dK1d(_DclsNMd):
+    """2-D convolution with a 1-D learned kernel (reference: ``Dcls2dK1d``).
+
+    The kernel is ``(dilated, 1)`` for ``flat_dim=0`` and ``(1, dilated)`` for ``flat_dim=1``, as
+    in the reference; ``weight`` ``(out, in // groups, count)``, ``P``/``SIG`` ``(1, out, in // groups, count)``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dilated_kernel_size=1,
+                 groups=1, bias=True, padding_mode="zeros", version="v1", flat_dim=0):
+        if flat_dim not in (0, 1):
+            raise ValueError(f"flat_dim must be 0 or 1, got {flat_dim!r}")
+        (size,) = _ntuple(1)(dilated_kernel_size)
+        super().__init__(in_channels, out_channels, kernel_count, stride, padding, (), (size,), groups, bias,
+                         padding_mode, version, conv_dims=2, position_init="normal",
+                         conv_kernel_size=(size, 1) if flat_dim == 0 else (1, size))
+        self.flat_dim = flat_dim
+
+
+LAYERS = (Dcls1d, Dcls2d, Dcls3d, Dcls2_1d, Dcls3_1d, Dcls3_2d, Dcls2dK1d)
