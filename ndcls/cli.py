@@ -36,12 +36,12 @@ def _demo(args) -> int:
         torch.set_num_threads(args.threads)
     config = demo.DemoConfig(
         ndim=args.ndim, count=args.count, interpolation=args.interpolation, steps=args.steps,
-        seed=args.seed, device=device,
+        seed=args.seed, candidates=args.candidates, device=device,
     )
     resolved = config.resolved()
     print(f"ndcls demo: {resolved.ndim}-D kernel {'x'.join([str(resolved.size)] * resolved.ndim)}, "
           f"{resolved.count} hidden elements, interpolation {resolved.interpolation}, "
-          f"{resolved.steps} steps, seed {resolved.seed}, device {device}")
+          f"{resolved.steps} steps, {resolved.candidates} students, seed {resolved.seed}, device {device}")
     result = demo.run(config, progress=_tqdm(desc="training", unit="step"))
     print(demo.report(result))
     os.makedirs(args.out, exist_ok=True)
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="student layer version: gauss -> 'gauss', triangle -> 'max', bilinear -> 'v0' (default gauss)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: per ndim)")
     d.add_argument("--seed", type=int, default=0, help="random seed (teacher, inputs, initialisation)")
+    d.add_argument("--candidates", type=int, default=None,
+                   help="students trained side by side, the best by training loss is reported (default: per ndim)")
     d.add_argument("--out", default="ndcls-demo", help="folder for the PNG (default ./ndcls-demo)")
     d.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     d.add_argument("--threads", type=int, default=1,
