@@ -117,3 +117,16 @@ def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
             total_dp += d_p
             total_ds += d_s
     return total, total_dp, total_ds
+
+
+def advance(idx, lo, hi, n_axes):
+    """Odometer step of ``idx`` over the box ``[lo, hi)`` on axes ``[0, n_axes)``, the last axis
+    fastest; False once every combination was visited (``idx`` is back at ``lo``)."""
+    j = n_axes - 1
+    while j >= 0:
+        idx[j] += 1
+        if idx[j] < hi[j]:
+            return True
+        idx[j] = lo[j]
+        j -= 1
+    return False

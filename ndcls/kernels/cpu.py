@@ -1,11 +1,13 @@
 """Backend "numba": CPU kernels compiled with Numba, parallel over the batch.
 
-One generic kernel serves every N, M and interpolation: each element gets a 1-D profile per
-learned axis over its support (2 cells for bilinear, ``2 * sigma`` for triangle, the whole axis
-for gauss), so the number of ``exp`` calls is ``count * sum(sizes)`` per batch index, and the
-element is scattered (forward) or gathered (backward) over the product of those supports.
-No dense intermediate: the forward pass zeroes each batch block of ``K`` and adds into it
-while it is in cache. Arithmetic is in float64 whatever the input dtype.
+One generic pair of kernels serves every N, M and interpolation. A bilinear element scatters
+(forward) or gathers (backward) its ``2**M`` corners directly. A triangle or Gaussian element
+gets a 1-D profile per learned axis over its support (the cells within ``sigma`` for triangle,
+the whole axis for gauss, built with 4 calls of ``exp`` by recurrence), and is scattered or
+gathered over the product of those supports. No dense intermediate: the forward pass zeroes
+each batch block of ``K`` and adds into it while it is in cache; the backward writes each
+element's gradients once (no races, deterministic). Arithmetic is in float64 whatever the
+input dtype. The per-element maths is :mod:`ndcls.kernels._element`, inlined here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ _valid = njit(cache=True, inline="always")(_element.element_valid)
 _support = njit(cache=True, inline="always")(_element.support)
 _fill = njit(cache=True, inline="always")(_element.fill_profile)
 _bilinear_cell = njit(cache=True, inline="always")(_element.bilinear_cell)
+_advance = njit(cache=True, inline="always")(_element.advance)
 
 _INVALID, _EMPTY, _OK = 0, 1, 2
 # Reassociation and contraction let LLVM vectorise the inner sums; no flag assumes finite
@@ -76,19 +79,6 @@ def _corner_cell(k, corner, frac, sizes, strides, factors):
         factors[j] = frac[j] if upper else 1.0 - frac[j]
         offset += i * strides[j]
     return offset
-
-
-@njit(cache=True, inline="always")
-def _advance(idx, lo, hi, last):
-    """Odometer step over axes ``[0, last)``; False once every combination was visited."""
-    j = last - 1
-    while j >= 0:
-        idx[j] += 1
-        if idx[j] < hi[j]:
-            return True
-        idx[j] = lo[j]
-        j -= 1
-    return False
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)

@@ -55,6 +55,7 @@ from ndcls.kernels import _element
 _valid = cuda.jit(device=True)(_element.element_valid)
 _support = cuda.jit(device=True)(_element.support)
 _fill = cuda.jit(device=True)(_element.fill_profile)
+_advance = cuda.jit(device=True)(_element.advance)
 
 BILINEAR, TRIANGLE, GAUSS = _element.BILINEAR, _element.TRIANGLE, _element.GAUSS
 _INVALID, _EMPTY, _OK = 0, 1, 2
@@ -128,19 +129,6 @@ def _profiles(kind, positions, sigma, b, d, c, sizes, roff, a, da_dp, da_ds, wit
     if kind != BILINEAR:
         return _OK, z + EPS
     return _OK, 1.0
-
-
-@cuda.jit(device=True)
-def _advance(idx, lo, hi, m):
-    """Odometer step over the support box (last row fastest); False once it wrapped around."""
-    j = m - 1
-    while j >= 0:
-        idx[j] += 1
-        if idx[j] < hi[j]:
-            return True
-        idx[j] = lo[j]
-        j -= 1
-    return False
 
 
 @cuda.jit(device=True)
