@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 
 import ndcls
-from conftest import HAS_GPU, SIMULATED
+from conftest import SIMULATED
 
 
 @dataclass(frozen=True)
@@ -58,5 +58,3 @@ def for_cases(backend: str, strategy_factory, **case_kwargs):
 
     return decorate
 
-
-GPU_PRESENT = HAS_GPU
