@@ -141,3 +141,19 @@ def cases(
     if strided:
         arrays = [None if x is None else _noncontiguous(x) for x in arrays]
     return Case(sizes, learned, interpolation, *arrays, seed=seed, notes=dict(strided=strided, broadcast=bcast))
+
+
+def poison(case, seed, bad_positions, bad_sigmas, fraction=0.3):
+    """``case``'s positions and widths with a random ``fraction`` replaced by values drawn from
+    ``bad_positions`` / ``bad_sigmas`` (NaN, inf, far, zero, negative, tiny...)."""
+    rng = np.random.default_rng(seed)
+    p = np.array(case.positions)
+    hit = rng.random(p.shape) < fraction
+    p[hit] = rng.choice(bad_positions, size=int(hit.sum()))
+    s = None
+    if case.sigma is not None:
+        s = np.array(case.sigma)
+        hit = rng.random(s.shape) < fraction
+        s[hit] = rng.choice(bad_sigmas, size=int(hit.sum()))
+    with np.errstate(all="ignore"):
+        return p.astype(case.dtype), None if s is None else s.astype(case.dtype)

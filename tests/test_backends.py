@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ndcls
-from _cases import cases, draw_positions, learned_row_sizes
+from _cases import cases, draw_positions, learned_row_sizes, poison
 from _harness import backend_params, for_cases
 from _tolerances import assert_close
 from ndcls._api import _prepare
@@ -197,17 +197,7 @@ _GUARD = 64
 def test_nonfinite_and_far_inputs_are_safe(backend):
     @for_cases(backend, cases, position_mode="around", noncontiguous=False, broadcast=False)
     def prop(case):
-        rng = np.random.default_rng(case.seed + 11)
-        p = np.array(case.positions)
-        poisoned = rng.random(p.shape) < 0.3
-        p[poisoned] = rng.choice(_BAD_POSITIONS[case.dtype.type], size=int(poisoned.sum()))
-        s = None
-        if case.sigma is not None:
-            s = np.array(case.sigma)
-            hit = rng.random(s.shape) < 0.3
-            s[hit] = rng.choice(_BAD_SIGMAS, size=int(hit.sum()))
-        with np.errstate(all="ignore"):
-            p, s = p.astype(case.dtype), None if s is None else s.astype(case.dtype)
+        p, s = poison(case, case.seed + 11, _BAD_POSITIONS[case.dtype.type], _BAD_SIGMAS)
         call = _prepare(case.weight, p, s, None, case.sizes, case.interpolation, case.learned_dims, backend)
         spec = call.spec
         sentinel = np.array(-12345.0, dtype=case.dtype)

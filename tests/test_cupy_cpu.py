@@ -16,7 +16,7 @@ from hypothesis import given, settings
 
 import _cuda_emulator as emu
 import ndcls
-from _cases import cases, draw_positions, learned_row_sizes
+from _cases import cases, draw_positions, learned_row_sizes, poison
 from _tolerances import assert_close
 from conftest import HAS_GPU
 from ndcls._api import _prepare
@@ -67,17 +67,7 @@ def test_emulated_kernels_with_poisoned_elements(emulated):
     @settings(max_examples=25)
     @given(cases(position_mode="around", max_count=3, broadcast=False, noncontiguous=False))
     def prop(case):
-        rng = np.random.default_rng(case.seed)
-        p = np.array(case.positions)
-        hit = rng.random(p.shape) < 0.3
-        p[hit] = rng.choice(bad_p, size=int(hit.sum()))
-        s = None
-        if case.sigma is not None:
-            s = np.array(case.sigma)
-            hit = rng.random(s.shape) < 0.3
-            s[hit] = rng.choice(bad_s, size=int(hit.sum()))
-        with np.errstate(all="ignore"):
-            p, s = p.astype(case.dtype), None if s is None else s.astype(case.dtype)
+        p, s = poison(case, case.seed, bad_p, bad_s)
         # no write outside K: K is a window of a larger buffer filled with a sentinel
         call = _prepare(case.weight, p, s, None, case.sizes, case.interpolation, case.learned_dims, emulated)
         spec, guard = call.spec, 32

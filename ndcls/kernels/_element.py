@@ -130,3 +130,13 @@ def advance(idx, lo, hi, n_axes):
         idx[j] = lo[j]
         j -= 1
     return False
+
+
+def quotient_rule(w, t, z, u, d_sum, others):
+    """Derivative of ``w * T / Z`` along one parameter of a normalised element.
+
+    ``t`` = T = sum of G times the profile product, ``u`` = dT/dparameter, ``z`` = Z, and
+    ``d_sum * others`` = dZ/dparameter (the derivative's sum along its own axis times the
+    profile sums along the other axes).
+    """
+    return w * (u / z - t * d_sum * others / (z * z))

@@ -24,6 +24,7 @@ _support = njit(cache=True, inline="always")(_element.support)
 _fill = njit(cache=True, inline="always")(_element.fill_profile)
 _bilinear_cell = njit(cache=True, inline="always")(_element.bilinear_cell)
 _advance = njit(cache=True, inline="always")(_element.advance)
+_quotient_rule = njit(cache=True, inline="always")(_element.quotient_rule)
 
 _INVALID, _EMPTY, _OK = 0, 1, 2
 # Reassociation and contraction let LLVM vectorise the inner sums; no flag assumes finite
@@ -240,8 +241,8 @@ def _construct_grad(
                             for k in range(m):
                                 if k != j:
                                     others *= sums[0, k]
-                            grad_p[j, b, d, c] = w * (u[j] / z - t * sums[1, j] * others / (z * z))
-                            grad_s[j, b, d, c] = w * (v[j] / z - t * sums[2, j] * others / (z * z))
+                            grad_p[j, b, d, c] = _quotient_rule(w, t, z, u[j], sums[1, j], others)
+                            grad_s[j, b, d, c] = _quotient_rule(w, t, z, v[j], sums[2, j], others)
                         else:
                             grad_p[j, b, d, c] = w * u[j]
 

@@ -56,6 +56,7 @@ _valid = cuda.jit(device=True)(_element.element_valid)
 _support = cuda.jit(device=True)(_element.support)
 _fill = cuda.jit(device=True)(_element.fill_profile)
 _advance = cuda.jit(device=True)(_element.advance)
+_quotient_rule = cuda.jit(device=True)(_element.quotient_rule)
 
 BILINEAR, TRIANGLE, GAUSS = _element.BILINEAR, _element.TRIANGLE, _element.GAUSS
 _INVALID, _EMPTY, _OK = 0, 1, 2
@@ -286,8 +287,8 @@ def _grad_batch(kind, b, grad_tile, weight, positions, sigma, grad_w, grad_p, gr
                 for k in range(m):
                     if k != j:
                         others *= sums[3 * k]
-                grad_p[j, b, d, c] = w * (u[j] / z - t * sums[3 * j + 1] * others / (z * z))
-                grad_s[j, b, d, c] = w * (v[j] / z - t * sums[3 * j + 2] * others / (z * z))
+                grad_p[j, b, d, c] = _quotient_rule(w, t, z, u[j], sums[3 * j + 1], others)
+                grad_s[j, b, d, c] = _quotient_rule(w, t, z, v[j], sums[3 * j + 2], others)
             else:
                 grad_p[j, b, d, c] = w * u[j]
 
