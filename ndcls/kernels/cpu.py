@@ -12,6 +12,11 @@ input dtype. The per-element maths is :mod:`ndcls.kernels._element`, inlined her
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import types as types_
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -82,7 +87,6 @@ def _corner_cell(k, corner, frac, sizes, strides, factors):
     return offset
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets, sizes, strides, n_chunks):
     n_batch, n_dense, count = weight.shape
     m = positions.shape[0]
@@ -137,7 +141,6 @@ def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets
                             break
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _construct_grad(
     kind, normalised, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s, dense_offsets, sizes, strides, n_chunks
 ):
@@ -247,18 +250,72 @@ def _construct_grad(
                             grad_p[j, b, d, c] = w * u[j]
 
 
+# -- dispatch ------------------------------------------------------------------------------
+# The two kernels above are plain Python functions; each is compiled on first use into at most
+# two machine-code versions per dtype: a serial one for small calls (where threads cost more
+# than they save, and whose compilation is about half as long) and a parallel one for large
+# calls. Inputs are typed read-only, so a read-only NumPy array (``writeable=False``) and a
+# writable one share the same compiled kernel instead of compiling a second set.
+
+#: output arguments of each kernel (typed writable); every other array argument is typed read-only
+_OUTPUTS = {"_construct": ("kernel",), "_construct_grad": ("grad_w", "grad_p", "grad_s")}
+#: below this many cell updates a call runs the serial kernel
+PARALLEL_MIN_WORK = 1 << 18
+_COMPILED: dict = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _readonly_mask(py_func) -> tuple[bool, ...]:
+    outputs = _OUTPUTS[py_func.__name__]
+    return tuple(name not in outputs for name in inspect.signature(py_func).parameters)
+
+
+def _signature(py_func, args):
+    types = []
+    for readonly, arg in zip(_readonly_mask(py_func), args):
+        t = numba.typeof(arg)
+        if isinstance(t, numba.types.Array):
+            t = t.copy(readonly=readonly)
+        types.append(t)
+    return tuple(types)
+
+
+def _run(py_func, parallel, *args):
+    """Call the compiled version of ``py_func`` for these argument types (compiling it once)."""
+    sig = _signature(py_func, args)
+    key = (py_func.__name__, parallel, sig)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        # A distinct qualified name per variant keeps the serial and parallel versions apart in
+        # Numba's on-disk cache, which keys entries by function and signature, not by flags.
+        variant = types_.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__)
+        variant.__qualname__ = f"{py_func.__qualname__}_{'parallel' if parallel else 'serial'}"
+        variant.__module__ = py_func.__module__
+        compiled = njit(sig, cache=True, parallel=parallel, fastmath=_FASTMATH)(variant)
+        _COMPILED[key] = compiled
+    return compiled(*args)
+
+
+def _work(spec) -> int:
+    """Rough count of cell updates of one call: every element's support plus the kernel's cells."""
+    per_element = 1 << spec.n_learned if spec.interpolation == "bilinear" else math.prod(spec.learned_sizes)
+    return spec.n_batch * spec.n_dense * spec.count * per_element + spec.n_batch * spec.block
+
+
 def _layout(spec):
     sizes = np.asarray(spec.learned_sizes, dtype=np.int64)
     strides = np.asarray(spec.learned_strides, dtype=np.int64)
-    n_chunks = min(spec.n_batch, 4 * numba.get_num_threads())
-    return np.array(spec.dense_offsets), sizes, strides, n_chunks
+    parallel = numba.get_num_threads() > 1 and spec.n_batch > 1 and _work(spec) >= PARALLEL_MIN_WORK
+    n_chunks = min(spec.n_batch, 4 * numba.get_num_threads()) if parallel else 1
+    return parallel, (np.array(spec.dense_offsets, dtype=np.int64), sizes, strides, n_chunks)
 
 
 def construct(spec, weight, positions, sigma, out=None):
     kernel = np.empty((spec.n_batch, spec.block), dtype=spec.dtype) if out is None else out
     kind = _element.INTERPOLATION_CODES[spec.interpolation]
     sigma = positions if sigma is None else sigma
-    _construct(kind, spec.normalised, weight, positions, sigma, kernel, *_layout(spec))
+    parallel, layout = _layout(spec)
+    _run(_construct, parallel, kind, spec.normalised, weight, positions, sigma, kernel, *layout)
     return kernel
 
 
@@ -268,5 +325,7 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
     grad_s = np.empty_like(positions)
     kind = _element.INTERPOLATION_CODES[spec.interpolation]
     sigma_in = positions if sigma is None else sigma
-    _construct_grad(kind, spec.normalised, grad_kernel, weight, positions, sigma_in, grad_w, grad_p, grad_s, *_layout(spec))
+    parallel, layout = _layout(spec)
+    _run(_construct_grad, parallel, kind, spec.normalised, grad_kernel, weight, positions, sigma_in, grad_w, grad_p,
+         grad_s, *layout)
     return grad_w, grad_p, (grad_s if spec.normalised else None)
