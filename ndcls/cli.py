@@ -42,6 +42,8 @@ def _demo(args) -> int:
     print(f"ndcls demo: {resolved.ndim}-D kernel {'x'.join([str(resolved.size)] * resolved.ndim)}, "
           f"{resolved.count} hidden elements, interpolation {resolved.interpolation}, "
           f"{resolved.steps} steps, {resolved.candidates} students, seed {resolved.seed}, device {device}")
+    print("preparing the kernels (compiled on the first run, cached for the next ones) ...", end=" ", flush=True)
+    print(f"{demo.warm_up(config):.1f} s", flush=True)
     result = demo.run(config, progress=_tqdm(desc="training", unit="step"))
     print(demo.report(result))
     os.makedirs(args.out, exist_ok=True)

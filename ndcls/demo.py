@@ -227,6 +227,30 @@ def _matched_error(positions: np.ndarray, true: np.ndarray) -> float:
     return float(np.linalg.norm(positions[col] - true, axis=1).mean())
 
 
+def warm_up(config: DemoConfig = DemoConfig()) -> float:
+    """Compile (or load from Numba's on-disk cache) the kernels :func:`run` calls; returns seconds.
+
+    Builds the same student layer and teacher kernel as :func:`run`, once, with a backward pass,
+    so that a progress bar started afterwards times training rather than compilation.
+    """
+    import torch
+
+    import ndcls
+    from ndcls.torch_bridge import Dcls1d, Dcls2d, Dcls3d
+
+    t0 = time.perf_counter()
+    cfg = config.resolved()
+    n, version = cfg.ndim, VERSIONS[cfg.interpolation]
+    layer = {1: Dcls1d, 2: Dcls2d, 3: Dcls3d}[n](1, cfg.candidates, cfg.count, dilated_kernel_size=cfg.size,
+                                                   bias=False, version=version).to(cfg.device)
+    layer.construct_kernel().sum().backward()
+    w = np.ones((1, 1, cfg.count), np.float32)
+    p = np.full((n, 1, 1, cfg.count), cfg.size / 2, np.float32)
+    ndcls.construct(w, p, (cfg.size,) * n, sigma=None if version == "v0" else np.ones_like(p),
+                    interpolation=cfg.interpolation)
+    return time.perf_counter() - t0
+
+
 def run(config: DemoConfig = DemoConfig(), progress: Optional[Callable] = None) -> DemoResult:
     """Train the students on the teacher's input/output pairs and return what the best one learned.
 
@@ -258,8 +282,10 @@ def run(config: DemoConfig = DemoConfig(), progress: Optional[Callable] = None) 
     true_p, true_w = teacher(n, cfg.count, size, rng)
     sigma = None
     if version in _WIDTH_OFFSET:
-        sigma = np.full((n, 1, 1, cfg.count), sig_end + _WIDTH_OFFSET[version])
-    true_K = ndcls.construct(true_w.reshape(1, 1, -1), true_p.T.reshape(n, 1, 1, -1).copy(), (size,) * n,
+        sigma = np.full((n, 1, 1, cfg.count), sig_end + _WIDTH_OFFSET[version], dtype=np.float32)
+    # float32 like the students, so the first run compiles one dtype only
+    true_K = ndcls.construct(true_w.reshape(1, 1, -1).astype(np.float32),
+                             true_p.T.reshape(n, 1, 1, -1).astype(np.float32), (size,) * n,
                              sigma=sigma, interpolation=cfg.interpolation)
     true_K = np.asarray(true_K).reshape((size,) * n)
     K_t = torch.as_tensor(true_K, dtype=torch.float32, device=device)
