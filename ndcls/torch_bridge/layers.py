@@ -64,6 +64,153 @@ def row_axes(learned_axes: Sequence[int], version: str) -> tuple[int, ...]:
     return (axes[0], axes[2], axes[1]) if len(axes) == 3 else axes
 
 
+class _ConstructKernelNMd(nn.Module):
+    """Kernel construction of a layer: ``K = DCK(weight, P, SIG)``, as the reference's ``DCK``.
+
+    Every layer holds one as ``layer.DCK``. Its :attr:`version` selects the construction;
+    ``layer.version`` and ``layer.DCK.version`` are one value, so client code that switches a
+    trained layer with ``layer.DCK.version = "max"`` (with or without ``layer.version = "max"``)
+    changes what ``forward`` computes, as with the reference. A version that needs ``SIG``
+    ("max", "gauss") cannot be used by a layer built without one ("v0", "v1").
+
+    Called on its own, it builds ``(out, in // groups, *dense, *dilated)`` from ``W``
+    ``(out, in // groups, *dense, count)`` and centred positions ``P`` (and widths ``SIG``)
+    ``(M, out, in // groups, *dense, count)``. It holds no parameters and nothing in the
+    ``state_dict`` (like the reference's).
+    """
+
+    def __init__(self, out_channels: int, in_channels: int, groups: int, kernel_count: int,
+                 dense_kernel_size: Sequence[int], dilated_kernel_size: Sequence[int], version: str) -> None:
+        super().__init__()
+        self.out_channels = out_channels
+        self.in_channels = in_channels
+        self.groups = groups
+        self.kernel_count = kernel_count
+        self.dense_kernel_size = tuple(dense_kernel_size)
+        self.dilated_kernel_size = tuple(dilated_kernel_size)
+        #: sizes of the constructed kernel: dense axes first, learned axes last
+        self.kernel_sizes = self.dense_kernel_size + self.dilated_kernel_size
+        self.version = version
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @version.setter
+    def version(self, version: str) -> None:
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        n_dense, m = len(self.dense_kernel_size), len(self.dilated_kernel_size)
+        axes = row_axes(range(n_dense, n_dense + m), version)
+        row_sizes = [self.kernel_sizes[a] for a in axes]
+        centre = torch.tensor([float(s // 2) for s in row_sizes]).view(m, *([1] * (2 + n_dense + 1)))
+        self._version = version
+        #: kernel axis (of ``kernel_sizes``) moved by each row of P
+        self.row_axes = axes
+        #: per row of P: the centre offset and the clamp range that keeps positions in the kernel
+        self.position_limits = tuple((-(s // 2), s - 1 - s // 2) for s in row_sizes)
+        if "_centre" in self._buffers:  # a version switch: same shape, values of the new row order
+            with torch.no_grad():
+                self._centre.copy_(centre)
+        else:
+            self.register_buffer("_centre", centre, persistent=False)
+
+    def kernel_positions(self, P: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``P`` in kernel index coordinates (``P + size // 2``); integer ``P`` is cast to ``dtype``."""
+        if not P.is_floating_point():
+            P = P.to(dtype if dtype is not None else torch.get_default_dtype())
+        return P + self._centre.to(P.dtype)
+
+    def kernel_sigma(self, P: Tensor, SIG: Optional[Tensor]) -> Optional[Tensor]:
+        """Effective widths of the elements for the current version (None for "v0")."""
+        interpolation, offset = _VERSION_KERNEL[self.version]
+        if interpolation == "bilinear":
+            return None
+        if offset is None:  # v1: width 1
+            return torch.ones((), dtype=P.dtype, device=P.device).expand_as(P)
+        if SIG is None:
+            raise ValueError(
+                f"version {self.version!r} uses the SIG parameter, but this layer has none (it was built with a "
+                f"version without widths, 'v0' or 'v1'); assign layer.SIG = torch.nn.Parameter(...) shaped like P first"
+            )
+        return SIG.abs() + offset
+
+    def forward(self, W: Tensor, P: Tensor, SIG: Optional[Tensor] = None) -> Tensor:
+        positions = self.kernel_positions(P, W.dtype)
+        return construct(
+            W,
+            positions,
+            self.kernel_sizes,
+            sigma=self.kernel_sigma(positions, SIG),
+            interpolation=_VERSION_KERNEL[self.version][0],
+            learned_dims=self.row_axes,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, version={self.version}"
+        if self.dense_kernel_size:
+            s += f", dense_kernel_size={self.dense_kernel_size}"
+        s += f", dilated_kernel_size={self.dilated_kernel_size}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s
+
+    @classmethod
+    def _for_layer(cls, *args) -> "_ConstructKernelNMd":
+        """An instance of ``cls`` from the generic arguments, whatever ``cls``'s own signature."""
+        dck = cls.__new__(cls)
+        _ConstructKernelNMd.__init__(dck, *args)
+        return dck
+
+
+class ConstructKernel1d(_ConstructKernelNMd):
+    """The construction of :class:`Dcls1d` and :class:`Dcls2dK1d` (reference: ``ConstructKernel1d``)."""
+
+    def __init__(self, out_channels, in_channels, groups, kernel_count, dilated_kernel_size, version):
+        super().__init__(out_channels, in_channels, groups, kernel_count, (), _ntuple(1)(dilated_kernel_size), version)
+
+
+class ConstructKernel2d(_ConstructKernelNMd):
+    """The construction of :class:`Dcls2d` (reference: ``ConstructKernel2d``)."""
+
+    def __init__(self, out_channels, in_channels, groups, kernel_count, dilated_kernel_size, version):
+        super().__init__(out_channels, in_channels, groups, kernel_count, (), _ntuple(2)(dilated_kernel_size), version)
+
+
+class ConstructKernel3d(_ConstructKernelNMd):
+    """The construction of :class:`Dcls3d` (reference: ``ConstructKernel3d``)."""
+
+    def __init__(self, out_channels, in_channels, groups, kernel_count, dilated_kernel_size, version):
+        super().__init__(out_channels, in_channels, groups, kernel_count, (), _ntuple(3)(dilated_kernel_size), version)
+
+
+class ConstructKernel3_1d(_ConstructKernelNMd):
+    """The construction of :class:`Dcls3_1d` (reference: ``ConstructKernel3_1d``)."""
+
+    def __init__(self, out_channels, in_channels, groups, kernel_count, dense_kernel_size, dilated_kernel_size,
+                 version):
+        super().__init__(out_channels, in_channels, groups, kernel_count, _ntuple(2)(dense_kernel_size),
+                         _ntuple(1)(dilated_kernel_size), version)
+
+
+class ConstructKernel2_1d(_ConstructKernelNMd):
+    """The construction of :class:`Dcls2_1d` (not in the reference package)."""
+
+    def __init__(self, out_channels, in_channels, groups, kernel_count, dense_kernel_size, dilated_kernel_size,
+                 version):
+        super().__init__(out_channels, in_channels, groups, kernel_count, _ntuple(1)(dense_kernel_size),
+                         _ntuple(1)(dilated_kernel_size), version)
+
+
+class ConstructKernel3_2d(_ConstructKernelNMd):
+    """The construction of :class:`Dcls3_2d` (not in the reference package)."""
+
+    def __init__(self, out_channels, in_channels, groups, kernel_count, dense_kernel_size, dilated_kernel_size,
+                 version):
+        super().__init__(out_channels, in_channels, groups, kernel_count, _ntuple(1)(dense_kernel_size),
+                         _ntuple(2)(dilated_kernel_size), version)
+
+
 class _DclsNMd(nn.Module):
     """Generic DCLS convolution: ``N``-D conv, kernel learned along its last ``M`` axes.
 
@@ -111,7 +258,6 @@ class _DclsNMd(nn.Module):
         self.kernel_count = kernel_count
         self.groups = groups
         self.padding_mode = padding_mode
-        self.version = version
         self.conv_dims = conv_dims
         self.position_init = position_init
         self.dense_kernel_size = tuple(dense_kernel_size)
@@ -121,16 +267,14 @@ class _DclsNMd(nn.Module):
         if any(s < 1 for s in self.kernel_sizes):
             raise ValueError(f"kernel sizes must be >= 1, got {self.kernel_sizes}")
         self.conv_kernel_size = tuple(conv_kernel_size) if conv_kernel_size is not None else self.kernel_sizes
-        n_dense, m = len(self.dense_kernel_size), len(self.dilated_kernel_size)
-        #: kernel axis (of ``kernel_sizes``) moved by each row of P
-        self.row_axes = row_axes(range(n_dense, n_dense + m), version)
-        row_sizes = [self.kernel_sizes[a] for a in self.row_axes]
-        #: per row of P: the centre offset and the clamp range that keeps positions in the kernel
-        self.position_limits = tuple((-(s // 2), s - 1 - s // 2) for s in row_sizes)
-        self.register_buffer(
-            "_centre", torch.tensor([float(s // 2) for s in row_sizes]).view(m, *([1] * (2 + n_dense + 1))),
-            persistent=False,
+        m = len(self.dilated_kernel_size)
+        #: the construction (``K = DCK(weight, P, SIG)``); owns ``version`` and the row order of P
+        self.DCK = self._construct_kernel_class._for_layer(
+            out_channels, in_channels, groups, kernel_count, self.dense_kernel_size, self.dilated_kernel_size, version
         )
+        # the reference's attributes of a (non-transposed) convolution
+        self.transposed = False
+        self.output_padding = (0,) * conv_dims
         self.stride = _ntuple(conv_dims)(stride)
         self.padding, self._reversed_padding_repeated_twice = self._parse_padding(padding)
 
@@ -146,6 +290,31 @@ class _DclsNMd(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+
+    _construct_kernel_class = _ConstructKernelNMd
+
+    @property
+    def version(self) -> str:
+        """The construction: "v0", "v1", "max" or "gauss"; the same value as ``self.DCK.version``."""
+        return self.DCK.version
+
+    @version.setter
+    def version(self, version: str) -> None:
+        self.DCK.version = version
+
+    @property
+    def row_axes(self) -> tuple[int, ...]:
+        """Kernel axis (of ``kernel_sizes``) moved by each row of P (depends on :attr:`version`)."""
+        return self.DCK.row_axes
+
+    @property
+    def position_limits(self) -> tuple[tuple[int, int], ...]:
+        """Per row of P: the clamp range that keeps positions inside the kernel."""
+        return self.DCK.position_limits
+
+    @property
+    def _centre(self) -> Tensor:
+        return self.DCK._centre
 
     def _parse_padding(self, padding):
         """``padding`` as nn.ConvNd keeps it, and the F.pad amounts for non-zero padding modes."""
@@ -192,28 +361,27 @@ class _DclsNMd(nn.Module):
     def kernel_positions(self) -> Tensor:
         """Element positions in kernel index coordinates, ``(M, out, in // groups, *dense, count)``;
         row ``j`` along kernel axis ``row_axes[j]``."""
-        return self.P + self._centre.to(self.P.dtype)
+        return self.DCK.kernel_positions(self.P, self.weight.dtype)
 
     def kernel_sigma(self) -> Optional[Tensor]:
         """Effective widths of the elements (None for "v0")."""
-        interpolation, offset = _VERSION_KERNEL[self.version]
-        if interpolation == "bilinear":
-            return None
-        if offset is None:  # v1: width 1
-            return torch.ones((), dtype=self.P.dtype, device=self.P.device).expand_as(self.P)
-        return self.SIG.abs() + offset
+        return self.DCK.kernel_sigma(self.P, self.SIG)
 
     def construct_kernel(self) -> Tensor:
         """The dense convolution weight, ``(out, in // groups, *conv_kernel_size)``."""
-        K = construct(
-            self.weight,
-            self.kernel_positions(),
-            self.kernel_sizes,
-            sigma=self.kernel_sigma(),
-            interpolation=_VERSION_KERNEL[self.version][0],
-            learned_dims=self.row_axes,
-        )
+        K = self.DCK(self.weight, self.P, self.SIG)
         return K.reshape(self.out_channels, self.in_channels // self.groups, *self.conv_kernel_size)
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor], P: Tensor,
+                      SIG: Optional[Tensor]) -> Tensor:
+        """The reference's ``_conv_forward``: convolve ``input`` with ``DCK(weight, P, SIG)`` and ``bias``."""
+        kernel = self.DCK(weight, P, SIG).reshape(self.out_channels, self.in_channels // self.groups,
+                                                  *self.conv_kernel_size)
+        conv = _CONV[self.conv_dims]
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv(input, kernel, bias, self.stride, 0, 1, self.groups)
+        return conv(input, kernel, bias, self.stride, self.padding, 1, self.groups)
 
     def _conv(self, input: Tensor, kernel: Tensor) -> Tensor:
         conv = _CONV[self.conv_dims]
@@ -244,7 +412,17 @@ class _DclsNMd(nn.Module):
         return s
 
 
-class Dcls1d(_DclsNMd):
+class _DclsNd(_DclsNMd):
+    """Base class of the layers whose kernel is learned along every axis (reference: ``_DclsNd``):
+    :class:`Dcls1d`, :class:`Dcls2d`, :class:`Dcls3d`, :class:`Dcls2dK1d`. For ``isinstance`` checks."""
+
+
+class _DclsN_Md(_DclsNMd):
+    """Base class of the layers with dense kernel axes (reference: ``_DclsN_Md``): :class:`Dcls2_1d`,
+    :class:`Dcls3_1d`, :class:`Dcls3_2d`. For ``isinstance`` checks."""
+
+
+class Dcls1d(_DclsNd):
     """1-D DCLS convolution (reference: ``DCLS.construct.modules.Dcls1d``).
 
     Input ``(batch, in_channels, L)``; ``weight`` ``(out, in // groups, count)``, ``P`` and ``SIG``
@@ -258,7 +436,7 @@ class Dcls1d(_DclsNMd):
                          conv_dims=1, position_init="normal")
 
 
-class Dcls2d(_DclsNMd):
+class Dcls2d(_DclsNd):
     """2-D DCLS convolution (reference: ``Dcls2d``); ``P`` is ``(2, out, in // groups, count)``.
 
     Example::
@@ -278,9 +456,10 @@ class Dcls2d(_DclsNMd):
         super().__init__(in_channels, out_channels, kernel_count, stride, padding, (),
                          _ntuple(2)(dilated_kernel_size), groups, bias, padding_mode, version,
                          conv_dims=2, position_init="normal")
+        self.use_implicit_gemm = False  # the reference's flag: its optional CUDA depthwise kernel is never used
 
 
-class Dcls3d(_DclsNMd):
+class Dcls3d(_DclsNd):
     """3-D DCLS convolution (reference: ``Dcls3d``); ``P`` is ``(3, out, in // groups, count)``."""
 
     def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dilated_kernel_size=1,
@@ -290,7 +469,7 @@ class Dcls3d(_DclsNMd):
                          conv_dims=3, position_init="normal")
 
 
-class Dcls2_1d(_DclsNMd):
+class Dcls2_1d(_DclsN_Md):
     """2-D convolution, kernel dense along axis 0 and learned along axis 1.
 
     ``weight`` ``(out, in // groups, dense, count)``, ``P``/``SIG`` ``(1, out, in // groups, dense,
@@ -304,7 +483,7 @@ class Dcls2_1d(_DclsNMd):
                          conv_dims=2, position_init="uniform")
 
 
-class Dcls3_1d(_DclsNMd):
+class Dcls3_1d(_DclsN_Md):
     """3-D convolution, kernel dense along axes 0, 1 and learned along axis 2 (reference: ``Dcls3_1d``).
 
     ``weight`` ``(out, in // groups, d0, d1, count)``, ``P``/``SIG`` ``(1, out, in // groups, d0, d1, count)``.
@@ -317,7 +496,7 @@ class Dcls3_1d(_DclsNMd):
                          conv_dims=3, position_init="uniform")
 
 
-class Dcls3_2d(_DclsNMd):
+class Dcls3_2d(_DclsN_Md):
     """3-D convolution, kernel dense along axis 0 and learned along axes 1, 2.
 
     ``weight`` ``(out, in // groups, dense, count)``, ``P``/``SIG`` ``(2, out, in // groups, dense,
@@ -332,7 +511,7 @@ class Dcls3_2d(_DclsNMd):
                          conv_dims=3, position_init="uniform")
 
 
-class Dcls2dK1d(_DclsNMd):
+class Dcls2dK1d(_DclsNd):
     """2-D convolution with a 1-D learned kernel (reference: ``Dcls2dK1d``).
 
     The kernel is ``(dilated, 1)`` for ``flat_dim=0`` and ``(1, dilated)`` for ``flat_dim=1``, as
@@ -349,5 +528,10 @@ class Dcls2dK1d(_DclsNMd):
                          conv_kernel_size=(size, 1) if flat_dim == 0 else (1, size))
         self.flat_dim = flat_dim
 
+
+for _layer, _dck in ((Dcls1d, ConstructKernel1d), (Dcls2d, ConstructKernel2d), (Dcls3d, ConstructKernel3d),
+                    (Dcls2_1d, ConstructKernel2_1d), (Dcls3_1d, ConstructKernel3_1d), (Dcls3_2d, ConstructKernel3_2d),
+                    (Dcls2dK1d, ConstructKernel1d)):
+    _layer._construct_kernel_class = _dck
 
 LAYERS = (Dcls1d, Dcls2d, Dcls3d, Dcls2_1d, Dcls3_1d, Dcls3_2d, Dcls2dK1d)
