@@ -46,7 +46,10 @@ def _locate(backend, **arrays) -> tuple[ArrayContext, Backend]:
 
 def _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend) -> _Call:
     """Validate and canonicalise; any copy it makes runs on the current stream (see the callers)."""
-    ctx, chosen = _locate(backend, weight=weight, positions=positions, sigma=sigma, grad_kernel=grad_kernel)
+    arrays = dict(weight=weight, positions=positions, sigma=sigma)
+    if grad_kernel is not None:  # construct has none; construct_grad checked it is an array
+        arrays["grad_kernel"] = grad_kernel
+    ctx, chosen = _locate(backend, **arrays)
     w, p, s, g = (ctx.to_compute(x) for x in (weight, positions, sigma, grad_kernel))
     w_shape, w_dtype = shape_and_dtype(w)
     p_shape, p_dtype = shape_and_dtype(p)

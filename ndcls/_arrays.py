@@ -147,19 +147,36 @@ class ArrayContext:
         return stack
 
 
-def array_context(**arrays) -> ArrayContext:
-    """Common library and device of the named arrays (None entries are skipped).
+#: arguments that may be None (skipped); any other None is a TypeError naming the argument
+OPTIONAL_ARRAYS = frozenset({"sigma"})
 
-    Raises TypeError for mixed libraries, ValueError for mixed devices, naming the arguments.
+
+def _check_not_differentiated(name: str, x) -> None:
+    """The array API builds no autograd graph: refuse tensors that expect one."""
+    if getattr(x, "requires_grad", False) and sys.modules["torch"].is_grad_enabled():
+        raise TypeError(
+            f"{name} requires grad, but ndcls.construct and ndcls.construct_grad are not differentiable (the "
+            f"result would have no autograd graph): use ndcls.torch_bridge.construct, which is, or call "
+            f"them on {name}.detach() or under torch.no_grad()"
+        )
+
+
+def array_context(**arrays) -> ArrayContext:
+    """Common library and device of the named arrays (None is allowed for :data:`OPTIONAL_ARRAYS`).
+
+    Raises TypeError for non-arrays, mixed libraries and torch tensors that require grad (with
+    grad mode on), ValueError for mixed devices, naming the arguments.
     """
     seen: dict[str, tuple[str, tuple[str, int]]] = {}
     for name, x in arrays.items():
-        if x is None:
+        if x is None and name in OPTIONAL_ARRAYS:
             continue
         try:
             lib = _library(x)
         except TypeError as exc:
             raise TypeError(f"{name}: {exc}") from None
+        if lib == "torch":
+            _check_not_differentiated(name, x)
         seen[name] = (lib, _device(x, lib))
     if not seen:
         raise TypeError("no arrays given")

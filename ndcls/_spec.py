@@ -190,6 +190,14 @@ class KernelSpec:
         """Validate everything SPEC section 5 lists; raise ValueError/TypeError naming the argument."""
         if not isinstance(interpolation, str) or interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        if isinstance(sizes, (int, np.integer)) and not isinstance(sizes, bool):
+            rows = tuple(positions_shape)[:1]
+            if rows != (1,):
+                example = (int(sizes),) * rows[0] if rows and rows[0] > 1 else (int(sizes), int(sizes))
+                raise ValueError(
+                    f"sizes={sizes!r} is a single int, which is only accepted for a 1-D kernel (positions with 1 row); "
+                    f"positions has shape {_describe(positions_shape)}, so give every kernel size, e.g. sizes={example}"
+                )
         sizes = normalise_sizes(sizes)
         learned = normalise_learned_dims(learned_dims, len(sizes))
         n_dense_axes = len(sizes) - len(learned)

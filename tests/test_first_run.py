@@ -57,3 +57,43 @@ def test_serial_and_parallel_kernels_agree(interpolation, monkeypatch):
         assert variants == {False, True}
     for a, b in zip(results[1 << 62], results[0]):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("argument", ["weight", "positions", "grad_kernel"])
+@pytest.mark.parametrize("value", [None, [[1.0, 2.0]], "abc"])
+def test_non_arrays_are_a_type_error_naming_the_argument(argument, value):
+    w, p, _ = _arrays("bilinear")
+    args = dict(weight=w, positions=p, grad_kernel=np.zeros((3, 1, 7, 7), np.float32))
+    args[argument] = value
+    with pytest.raises(TypeError, match=f"^{argument}: expected an array.*got {type(value).__name__}"):
+        if argument == "grad_kernel":
+            ndcls.construct_grad(args["grad_kernel"], args["weight"], args["positions"], (7, 7))
+        else:
+            ndcls.construct(args["weight"], args["positions"], (7, 7))
+
+
+def test_int_sizes_only_for_one_row_of_positions():
+    w = np.ones((3, 4), np.float32)
+    K = ndcls.construct(w, np.full((1, 3, 4), 2.5, np.float32), 17)  # unambiguous: a 1-D kernel
+    assert K.shape == (3, 17)
+    with pytest.raises(ValueError, match=r"sizes=17 is a single int.*positions has shape \(2, 3, 4\).*sizes=\(17, 17\)"):
+        ndcls.construct(w, np.full((2, 3, 4), 2.5, np.float32), 17)
+    with pytest.raises(ValueError, match="single int"):
+        ndcls.construct_grad(np.zeros((3, 17)), w, np.full((3, 3, 4), 2.5, np.float32), np.int64(17))
+
+
+def test_torch_tensors_that_require_grad_point_to_the_torch_bridge():
+    torch = pytest.importorskip("torch")
+    w = torch.randn(3, 4, requires_grad=True)
+    p = torch.rand(1, 3, 4) * 4
+    with pytest.raises(TypeError, match=r"weight requires grad.*ndcls\.torch_bridge\.construct"):
+        ndcls.construct(w, p, (7,))
+    with pytest.raises(TypeError, match=r"positions requires grad.*ndcls\.torch_bridge\.construct"):
+        ndcls.construct_grad(torch.ones(3, 7), w.detach(), p.requires_grad_(), (7,))
+    with torch.no_grad():  # no graph is expected there: allowed
+        K = ndcls.construct(w, p, (7,))
+    torch.testing.assert_close(K, ndcls.construct(w.detach(), p.detach(), (7,)))
+    from ndcls.torch_bridge import construct
+
+    construct(w, p, (7,)).sum().backward()  # the differentiable op still takes them
+    assert w.grad is not None and p.grad is not None
