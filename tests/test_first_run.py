@@ -97,3 +97,24 @@ def test_torch_tensors_that_require_grad_point_to_the_torch_bridge():
 
     construct(w, p, (7,)).sum().backward()  # the differentiable op still takes them
     assert w.grad is not None and p.grad is not None
+
+
+def _readme_snippets():
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_readme_has_python_snippets():
+    assert len(_readme_snippets()) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(_readme_snippets())))
+def test_readme_snippet_runs_verbatim_on_its_own(index, tmp_path):
+    code = _readme_snippets()[index]
+    if "torch" in code:
+        pytest.importorskip("torch")
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=600)
+    assert res.returncode == 0, f"README snippet {index} failed:\n{code}\n{res.stderr[-3000:]}"
