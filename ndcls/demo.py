@@ -399,6 +399,7 @@ def plot(result: DemoResult, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     c = result.config
     fig, axs = plt.subplots(1, 3, figsize=(15, 4.6), constrained_layout=True)
@@ -421,6 +422,11 @@ def plot(result: DemoResult, path) -> None:
             ax.plot(traj[:, i, 0], result.history_steps, color=col, lw=1.2)
         ax.set_ylabel("training step (trajectories)")
         ax.set_ylim(result.history_steps[-1], 0)
+        axs[0].legend(handles=[Line2D([], [], color="k", ls="--", lw=1, label="true position")], fontsize=8,
+                      loc="upper right")
+        ax.legend(handles=[Line2D([], [], color="k", ls="--", lw=1, label="learned position"),
+                           Line2D([], [], color="k", lw=1.2, label="trajectory (right axis: step)")],
+                  fontsize=8, loc="upper right")
     else:
         def proj(K):
             if K.ndim == 3:
@@ -444,11 +450,29 @@ def plot(result: DemoResult, path) -> None:
             axs[1].plot(traj[0, i, xa], traj[0, i, ya], "o", color=col, ms=5, mfc="none")
             axs[1].plot(result.true_positions[i, xa], result.true_positions[i, ya], "x", color=col, ms=9, mew=2)
             axs[1].plot(traj[-1, i, xa], traj[-1, i, ya], ".", color="k", ms=5)
+        markers = [
+            Line2D([], [], color="k", marker="x", ls="none", ms=7, mew=2, label="true position"),
+            Line2D([], [], color="k", marker="o", ls="none", ms=5, mfc="none", label="start"),
+            Line2D([], [], color="k", lw=1.3, label="trajectory"),
+            Line2D([], [], color="k", marker=".", ls="none", ms=5, label="learned position"),
+        ]
+        axs[0].legend(handles=markers[:1], fontsize=8, loc="upper right")
+        axs[1].legend(handles=markers, fontsize=8, loc="upper right")
 
     ax = axs[2]
-    ax.semilogy(result.history_steps, np.maximum(result.history_error, 1e-4), color="C0", label="mean position error (cells)")
-    ax.semilogy(result.history_steps, np.maximum(result.history_loss, 1e-8), color="C1", label="relative MSE loss")
+    zeros = []  # log scale: values that are exactly 0 are drawn as markers on the bottom axis, not floored
+    for values, color, label in ((result.history_error, "C0", "mean position error (cells)"),
+                                 (result.history_loss, "C1", "relative MSE loss")):
+        positive = values > 0
+        ax.semilogy(result.history_steps[positive], values[positive], color=color, label=label)
+        if not positive.all():
+            zeros.append((result.history_steps[~positive], color))
     ax.axhline(0.25, color="C0", ls=":", lw=1, label="0.25 cells")
+    bottom = ax.get_ylim()[0]
+    for steps, color in zeros:
+        ax.plot(steps, np.full(len(steps), bottom), "v", color=color, ms=6, clip_on=False,
+                label="exactly 0 (on the axis)")
+    ax.set_ylim(bottom=bottom)
     ax.set_xlabel("training step")
     ax.set_title(f"final mean position error {result.mean_position_error:.3f} cells")
     ax.legend(fontsize=9)
