@@ -117,6 +117,7 @@ def test_clamp_keeps_positions_inside_even_and_odd(size):
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("padding", ["same", "valid", (2, 1)])
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's nn.Conv2d, the reference
 def test_padding(padding, padding_mode):
     layer = Dcls2d(2, 4, 3, dilated_kernel_size=(4, 3), padding=padding, padding_mode=padding_mode, version="gauss")
     x = torch.randn(1, 2, 6, 7)

@@ -377,18 +377,21 @@ class _DclsNMd(nn.Module):
         """The reference's ``_conv_forward``: convolve ``input`` with ``DCK(weight, P, SIG)`` and ``bias``."""
         kernel = self.DCK(weight, P, SIG).reshape(self.out_channels, self.in_channels // self.groups,
                                                   *self.conv_kernel_size)
-        conv = _CONV[self.conv_dims]
-        if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(input, kernel, bias, self.stride, 0, 1, self.groups)
-        return conv(input, kernel, bias, self.stride, self.padding, 1, self.groups)
+        return self._convolve(input, kernel, bias)
 
     def _conv(self, input: Tensor, kernel: Tensor) -> Tensor:
+        return self._convolve(input, kernel, self.bias)
+
+    def _convolve(self, input: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
         conv = _CONV[self.conv_dims]
-        if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(input, kernel, self.bias, self.stride, 0, 1, self.groups)
-        return conv(input, kernel, self.bias, self.stride, self.padding, 1, self.groups)
+        # padding="same" with an even kernel size pads unevenly: pad here, as torch would
+        # internally (with a warning about the copy it makes)
+        uneven_same = self.padding == "same" and any(k % 2 == 0 for k in self.conv_kernel_size)
+        if self.padding_mode != "zeros" or uneven_same:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+            return conv(input, kernel, bias, self.stride, 0, 1, self.groups)
+        return conv(input, kernel, bias, self.stride, self.padding, 1, self.groups)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv(input, self.construct_kernel())
