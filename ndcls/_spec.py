@@ -35,9 +35,20 @@ def _as_int(value, name: str) -> int:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
 
 
-def normalise_sizes(sizes) -> tuple[int, ...]:
-    """``sizes`` as a tuple of N >= 1 positive ints (an int means N = 1)."""
+def normalise_sizes(sizes, positions_shape=None) -> tuple[int, ...]:
+    """``sizes`` as a tuple of N >= 1 positive ints.
+
+    A single int means N = 1; it is accepted only where that is unambiguous: when
+    ``positions_shape`` is given, only if the positions have one row (M = 1).
+    """
     if isinstance(sizes, (int, np.integer)) and not isinstance(sizes, bool):
+        rows = None if positions_shape is None else tuple(positions_shape)[:1]
+        if rows is not None and rows != (1,):
+            example = (int(sizes),) * rows[0] if rows and rows[0] > 1 else (int(sizes), int(sizes))
+            raise ValueError(
+                f"sizes={sizes!r} is a single int, which is only accepted for a 1-D kernel (positions with 1 row); "
+                f"positions has shape {_describe(positions_shape)}, so give every kernel size, e.g. sizes={example}"
+            )
         sizes = (sizes,)
     try:
         items = tuple(sizes)
@@ -190,15 +201,7 @@ class KernelSpec:
         """Validate everything SPEC section 5 lists; raise ValueError/TypeError naming the argument."""
         if not isinstance(interpolation, str) or interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-        if isinstance(sizes, (int, np.integer)) and not isinstance(sizes, bool):
-            rows = tuple(positions_shape)[:1]
-            if rows != (1,):
-                example = (int(sizes),) * rows[0] if rows and rows[0] > 1 else (int(sizes), int(sizes))
-                raise ValueError(
-                    f"sizes={sizes!r} is a single int, which is only accepted for a 1-D kernel (positions with 1 row); "
-                    f"positions has shape {_describe(positions_shape)}, so give every kernel size, e.g. sizes={example}"
-                )
-        sizes = normalise_sizes(sizes)
+        sizes = normalise_sizes(sizes, positions_shape=positions_shape)
         learned = normalise_learned_dims(learned_dims, len(sizes))
         n_dense_axes = len(sizes) - len(learned)
 

@@ -80,6 +80,12 @@ def test_int_sizes_only_for_one_row_of_positions():
         ndcls.construct(w, np.full((2, 3, 4), 2.5, np.float32), 17)
     with pytest.raises(ValueError, match="single int"):
         ndcls.construct_grad(np.zeros((3, 17)), w, np.full((3, 3, 4), 2.5, np.float32), np.int64(17))
+    torch = pytest.importorskip("torch")
+    from ndcls.torch_bridge import construct
+
+    assert construct(torch.ones(3, 4), torch.full((1, 3, 4), 2.5), 17).shape == (3, 17)
+    with pytest.raises(ValueError, match=r"single int.*sizes=\(17, 17\)"):
+        construct(torch.ones(3, 4), torch.full((2, 3, 4), 2.5), 17)
 
 
 def test_torch_tensors_that_require_grad_point_to_the_torch_bridge():

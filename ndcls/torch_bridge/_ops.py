@@ -130,6 +130,6 @@ def construct(
         >>> K.sum().backward(); p.grad.shape
         torch.Size([2, 1, 3])
     """
-    sizes = list(normalise_sizes(sizes))
+    sizes = list(normalise_sizes(sizes, positions_shape=positions.shape))
     learned = list(normalise_learned_dims(learned_dims, len(sizes)))
     return _construct_op(weight, positions, sizes, sigma, interpolation, learned)
