@@ -21,6 +21,12 @@ Parameters have the reference's names, shapes and initialisation: ``weight``
 (``SIG`` only for ``version`` "gauss" and "max"), ``bias`` ``(out,)``. ``P`` is centred: row ``j``
 of ``P`` puts an element at kernel index ``P[j] + size // 2`` along the axis it moves.
 
+As in the reference, each layer holds its construction as a submodule ``DCK`` (a
+``ConstructKernel*`` object, ``K = DCK(weight, P, SIG)``) which owns ``version``:
+``layer.version`` and ``layer.DCK.version`` are one value, and setting either switches the
+construction. The N-D layers derive from ``_DclsNd`` and the N-M-D ones from ``_DclsN_Md``, the
+reference's base classes (:mod:`ndcls.torch_bridge.modules` has all of its names).
+
 .. note:: Differences from the reference implementation (docs/torch.md): row ``j`` of ``P`` is
    centred and clamped with the size of the axis it actually moves (the reference uses the
    size of axis ``j``, which is only the same for square and cubic kernels), and
