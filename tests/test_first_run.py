@@ -124,3 +124,29 @@ def test_readme_snippet_runs_verbatim_on_its_own(index, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=600)
     assert res.returncode == 0, f"README snippet {index} failed:\n{code}\n{res.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("ndim, interpolation", [(1, "bilinear"), (2, "gauss"), (3, "triangle")])
+def test_demo_warm_up_prepares_every_kernel_the_training_uses(ndim, interpolation, monkeypatch):
+    pytest.importorskip("torch")
+    from ndcls import demo
+
+    monkeypatch.setattr(cpu, "_COMPILED", {})  # as in a new process (the disk cache makes this cheap)
+    config = demo.DemoConfig(ndim=ndim, interpolation=interpolation, steps=3, log_every=1)
+    demo.warm_up(config)
+    prepared = set(cpu._COMPILED)
+    assert {key[0] for key in prepared} == {"_construct", "_construct_grad"}
+    demo.run(config)
+    assert set(cpu._COMPILED) == prepared  # nothing compiled after the progress bar would start
+
+
+def test_demo_command_says_it_prepares_kernels_before_the_bar(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    from ndcls.cli import main
+
+    assert main(["demo", "--ndim", "1", "--steps", "5", "--candidates", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "preparing the kernels" in out.out
+    assert out.out.index("preparing the kernels") < out.out.index("mean position error")
