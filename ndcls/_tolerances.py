@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ndcls._spec import dtype_name
+
 TOLERANCES = {
     "float64": dict(rtol=1e-9, atol=1e-11),
     "float32": dict(rtol=2e-5, atol=2e-6),
     "float16": dict(rtol=5e-3, atol=5e-3),
     "bfloat16": dict(rtol=4e-2, atol=4e-2),
 }
-
-
-def dtype_name(dtype) -> str:
-    """``"float32"`` for ``np.float32``, ``np.dtype("f4")`` or ``"float32"``; ``"bfloat16"`` as is."""
-    if isinstance(dtype, str) and dtype == "bfloat16":
-        return dtype
-    return np.dtype(dtype).name
 
 
 def tolerance(dtype) -> dict:
