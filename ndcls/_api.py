@@ -50,14 +50,14 @@ _SPECS_MAX = 1024
 
 def _typed(value):
     if isinstance(value, (tuple, list)):
-        return tuple((type(v), v) for v in value)
+        return (type(value), *map(type, value), *value)
     return (type(value), value)
 
 
 def _validated(chosen: Backend, shapes_and_dtypes, sizes, interpolation, learned_dims):
     """``(spec for the backend, mode)``, from the cache or by :meth:`KernelSpec.from_arguments`."""
     try:
-        key = (chosen.name, shapes_and_dtypes, _typed(sizes), _typed(interpolation), _typed(learned_dims))
+        key = (chosen.name, shapes_and_dtypes, _typed(sizes), type(interpolation), interpolation, _typed(learned_dims))
         found = _SPECS.get(key)
     except TypeError:  # an unhashable argument: validate without caching (it will likely raise)
         key = found = None
@@ -92,11 +92,19 @@ def _validate(weight, positions, sigma, grad_kernel, sizes, interpolation, learn
     """Everything SPEC section 5 checks, before any array is touched; no copies, no GPU work."""
     ctx = array_context(weight=weight, positions=positions, sigma=sigma, grad_kernel=grad_kernel)
     chosen = _select_backend(backend, ctx)
-    described = tuple(
-        (None, None) if x is None else (tuple(x.shape), ctx.dtype_of(x)) for x in (weight, positions, sigma, grad_kernel)
+    dtype_of = ctx.dtype_of
+    described = (
+        (tuple(weight.shape), dtype_of(weight)),
+        (tuple(positions.shape), dtype_of(positions)),
+        _NOTHING if sigma is None else (tuple(sigma.shape), dtype_of(sigma)),
+        _NOTHING if grad_kernel is None else (tuple(grad_kernel.shape), dtype_of(grad_kernel)),
     )
     spec, mode = _validated(chosen, described, sizes, interpolation, learned_dims)
-    return _Call(ctx, spec, chosen, mode, dtype_name(described[0][1]), {"positions": described[1][0], "sigma": described[2][0]})
+    dtype = spec.dtype_name if mode != "float32" else dtype_name(described[0][1])
+    return _Call(ctx, spec, chosen, mode, dtype, {"positions": described[1][0], "sigma": described[2][0]})
+
+
+_NOTHING = (None, None)
 
 
 def _canonicalise(call: _Call, weight, positions, sigma, grad_kernel) -> _Call:
@@ -165,13 +173,18 @@ def construct(weight, positions, sizes, *, sigma=None, interpolation="bilinear",
         ((1, 5, 5), 3.0)
     """
     call = _validate(weight, positions, sigma, None, sizes, interpolation, learned_dims, backend)
-    ctx = call.ctx
+    if not call.ctx.on_gpu:
+        return _construct(call, weight, positions, sigma)
     # the caller's stream (and, for torch, its allocator) for the copies, the kernel and the
     # hand-back, so that the DLPack exchange orders nothing on another stream
-    with ctx.stream():
-        _canonicalise(call, weight, positions, sigma, None)
-        kernel = call.backend.load().construct(call.spec, call.weight, call.positions, call.sigma)
-        return ctx.from_compute(kernel.reshape(call.spec.kernel_shape), call.mode, call.dtype)
+    with call.ctx.stream():
+        return _construct(call, weight, positions, sigma)
+
+
+def _construct(call: _Call, weight, positions, sigma):
+    _canonicalise(call, weight, positions, sigma, None)
+    kernel = call.backend.load().construct(call.spec, call.weight, call.positions, call.sigma)
+    return call.ctx.from_compute(kernel.reshape(call.spec.kernel_shape), call.mode, call.dtype)
 
 
 def construct_grad(
@@ -189,15 +202,21 @@ def construct_grad(
         ``grad_sigma`` is None for "bilinear".
     """
     call = _validate(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend)
+    if not call.ctx.on_gpu:
+        return _construct_grad(call, weight, positions, sigma, grad_kernel)
+    with call.ctx.stream():  # as in construct
+        return _construct_grad(call, weight, positions, sigma, grad_kernel)
+
+
+def _construct_grad(call: _Call, weight, positions, sigma, grad_kernel):
     ctx, spec = call.ctx, call.spec
-    with ctx.stream():  # as in construct
-        _canonicalise(call, weight, positions, sigma, grad_kernel)
-        gw, gp, gs = call.backend.load().construct_grad(spec, call.grad_kernel, call.weight, call.positions, call.sigma)
-        gw = gw.reshape(spec.weight_shape)
-        if call.mode == "bits":  # bfloat16 bits cannot be summed: reduce in the caller's library
-            gw, gp, gs = (ctx.from_compute(g, call.mode, call.dtype) for g in (gw, gp, gs))
-            gp = _reduce_to(gp, call.shapes["positions"], spec)
-            return gw, gp, None if gs is None else _reduce_to(gs, call.shapes["sigma"], spec)
+    _canonicalise(call, weight, positions, sigma, grad_kernel)
+    gw, gp, gs = call.backend.load().construct_grad(spec, call.grad_kernel, call.weight, call.positions, call.sigma)
+    gw = gw.reshape(spec.weight_shape)
+    if call.mode == "bits":  # bfloat16 bits cannot be summed: reduce in the caller's library
+        gw, gp, gs = (ctx.from_compute(g, call.mode, call.dtype) for g in (gw, gp, gs))
         gp = _reduce_to(gp, call.shapes["positions"], spec)
-        gs = None if gs is None else _reduce_to(gs, call.shapes["sigma"], spec)
-        return tuple(ctx.from_compute(g, call.mode, call.dtype) for g in (gw, gp, gs))
+        return gw, gp, None if gs is None else _reduce_to(gs, call.shapes["sigma"], spec)
+    gp = _reduce_to(gp, call.shapes["positions"], spec)
+    gs = None if gs is None else _reduce_to(gs, call.shapes["sigma"], spec)
+    return tuple(ctx.from_compute(g, call.mode, call.dtype) for g in (gw, gp, gs))

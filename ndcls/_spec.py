@@ -26,15 +26,28 @@ HALF_DTYPES = ("float16", "bfloat16")
 BFLOAT16_BITS = np.dtype(np.int16)
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(dtype) -> str:
     """Name of a dtype: ``"float32"`` for ``np.float32`` or ``"float32"``; ``"bfloat16"`` for
     the string, ``torch.bfloat16`` or an ``ml_dtypes`` bfloat16 NumPy dtype."""
-    if isinstance(dtype, str):
-        if dtype == "bfloat16":
-            return dtype
+    try:
+        return _DTYPE_NAMES[dtype]  # NumPy computes a dtype's name in Python: memoised
+    except (KeyError, TypeError):
+        pass
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        name = dtype
     elif type(dtype).__module__ == "torch":
-        return str(dtype).rpartition(".")[2]
-    return np.dtype(dtype).name
+        name = str(dtype).rpartition(".")[2]
+    else:
+        name = np.dtype(dtype).name
+    try:
+        if len(_DTYPE_NAMES) < 256:
+            _DTYPE_NAMES[dtype] = name
+    except TypeError:  # unhashable
+        pass
+    return name
 
 
 def _describe(shape) -> str:
@@ -105,10 +118,18 @@ class KernelSpec:
     dtype: np.dtype  # of the arrays the backend receives
     storage: str = ""  # "bfloat16" when ``dtype`` holds bfloat16 bits (BFLOAT16_BITS)
 
-    @property
+    @cached_property
     def dtype_name(self) -> str:
         """The values' dtype: ``storage`` if set, else the name of ``dtype``."""
-        return self.storage or self.dtype.name
+        return self.storage or dtype_name(self.dtype)
+
+    def __hash__(self) -> int:
+        # specs key the caches of launch plans and layouts: hash the fields once per spec
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.sizes, self.learned_dims, self.interpolation, self.batch_shape, self.count, self.dtype, self.storage))
+            self.__dict__["_hash"] = h
+        return h
 
     # -- derived shapes -------------------------------------------------------------------
     @property

@@ -12,6 +12,8 @@ input dtype. The per-element maths is :mod:`ndcls.kernels._element`, inlined her
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -247,18 +249,25 @@ def _construct_grad(
                             grad_p[j, b, d, c] = w * u[j]
 
 
-def _layout(spec):
+@functools.lru_cache(maxsize=1024)
+def _layout_arrays(spec):
+    """Dense offsets, learned sizes and strides of ``spec`` (depend on shapes only: cached)."""
     sizes = np.asarray(spec.learned_sizes, dtype=np.int64)
     strides = np.asarray(spec.learned_strides, dtype=np.int64)
-    n_chunks = min(spec.n_batch, 4 * numba.get_num_threads())
-    return np.array(spec.dense_offsets), sizes, strides, n_chunks
+    return np.array(spec.dense_offsets), sizes, strides
+
+
+def _layout(spec):
+    return (*_layout_arrays(spec), min(spec.n_batch, 4 * numba.get_num_threads()))
 
 
 def construct(spec, weight, positions, sigma, out=None):
     kernel = np.empty((spec.n_batch, spec.block), dtype=spec.dtype) if out is None else out
     kind = _element.INTERPOLATION_CODES[spec.interpolation]
     sigma = positions if sigma is None else sigma
-    _construct(kind, spec.normalised, weight, positions, sigma, kernel, *_layout(spec))
+    offsets, sizes, strides = _layout_arrays(spec)
+    n_chunks = min(spec.n_batch, 4 * numba.get_num_threads())
+    _construct(kind, spec.normalised, weight, positions, sigma, kernel, offsets, sizes, strides, n_chunks)
     return kernel
 
 
