@@ -56,10 +56,12 @@ def test_side_stream_is_not_blocked_by_the_default_stream(backend):
     """A call on a side stream neither waits for nor joins work queued on the default stream."""
     w, p, s, sizes = _inputs("triangle")
     kw = dict(sigma=s, interpolation="triangle", backend=backend)
-    k = ndcls.construct(w, p, sizes, **kw)  # compile and warm up
-    ndcls.construct_grad(k, w, p, sizes, **kw)
-    torch.cuda.synchronize()
     side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # compile, and fill the caching allocator's pool of this stream
+        for _ in range(2):  # (a first cudaMalloc may synchronise the device)
+            k = ndcls.construct(w, p, sizes, **kw)
+            ndcls.construct_grad(k, w, p, sizes, **kw)
+    torch.cuda.synchronize()
     torch.cuda._sleep(int(2e9))  # about a second of spinning on the default stream
     with torch.cuda.stream(side):
         k = ndcls.construct(w, p, sizes, **kw)
