@@ -17,6 +17,16 @@ pytestmark = pytest.mark.gpu
 BACKENDS = ["cupy", "numba-cuda"]
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """cuDNN's TF32 convolutions (on by default) would make eager and captured runs differ by
+    ~1e-3 when they pick different algorithms: compare in full float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _inputs(interpolation, dtype=torch.float32, batch=(8, 4), count=5, sizes=(9, 7), seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*batch, count, generator=g, dtype=torch.float64)
@@ -113,8 +123,8 @@ def test_forward_backward_captured_in_a_cuda_graph(version):
         y.square().sum().backward()
         expected = [y] + [t.grad for t in eager.parameters() if t.grad is not None]
         assert len(replayed) == len(expected)
-        for a, b in zip(replayed, expected):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(replayed, expected):  # float32 atomics and cuDNN algorithms: not bitwise
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_torch_compile_reduce_overhead():
@@ -136,7 +146,7 @@ def test_torch_compile_reduce_overhead():
         eager.zero_grad(set_to_none=True)
         y = compiled(m, x).clone()
         y_eager = step(eager, x)
-        torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(m.P.grad, eager.P.grad, rtol=1e-4, atol=1e-5)
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
