@@ -4,7 +4,6 @@ autocast. Nothing here touches CUDA at import or collection."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
