@@ -21,7 +21,7 @@ step() {  # step NAME COMMAND...
 }
 step 0-environment $PY -c "import sys, numpy, numba, torch, cupy, ndcls; print(sys.version); print('numpy', numpy.__version__, 'numba', numba.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cupy', cupy.__version__); print(torch.cuda.get_device_name(0)); from numba import cuda; cuda.detect()"
 step 1-check $PY -m ndcls check
-step 2-gpu-tests $PY -m pytest -m gpu -q -x -p no:cacheprovider
+step 2-gpu-tests $PY -m pytest -m gpu -q -p no:cacheprovider
 step 3-sanitizer $PY benchmarks/sanitize.py
 step 4-benchmark $PY benchmarks/bench_gpu.py --docs docs/benchmarks.md
 step 5-overhead $PY benchmarks/bench_overhead.py
