@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ndcls._arrays import ArrayContext, array_context, shape_and_dtype
+from ndcls._arrays import ArrayContext, array_context, cupy_on_device
 from ndcls._registry import Backend, default_backend, get_backend
-from ndcls._spec import KernelSpec
+from ndcls._spec import KernelSpec, dtype_name
 
 
 def _namespace(x):
@@ -23,38 +23,47 @@ def _select_backend(name, ctx: ArrayContext) -> Backend:
             f"backend {backend.name!r} computes on host arrays, but the arrays are on "
             f"cuda:{ctx.device[1]}; use backend=None, 'cupy' or 'numba-cuda', or move them to the host"
         )
+    if ctx.on_gpu:  # CUDA arrays on a machine without a usable device: say so before anything else
+        cupy_on_device(ctx.device[1])
     return backend
 
 
 @dataclass
 class _Call:
     ctx: ArrayContext
-    spec: KernelSpec
+    spec: KernelSpec  # as the backend sees it (float32 for upcast half precision)
     backend: Backend
+    mode: str  # how arrays reach the kernels: "native", "float32" or "bits" (Backend.compute_mode)
+    dtype: str  # the caller's dtype name, that of the results
     shapes: dict  # caller's shapes of positions and sigma, for reducing broadcast gradients
-    weight: object
-    positions: object
-    sigma: object
+    weight: object = None
+    positions: object = None
+    sigma: object = None
     grad_kernel: object = None
 
 
-def _locate(backend, **arrays) -> tuple[ArrayContext, Backend]:
-    """The arrays' library and device, and the backend that will compute on them."""
-    ctx = array_context(**arrays)
-    return ctx, _select_backend(backend, ctx)
+# What depends only on shapes, dtypes and the other arguments is validated once and cached:
+# key -> (spec for the backend, mode). Keys keep the type of every scalar (3 and 3.0 hash alike).
+_SPECS: dict = {}
+_SPECS_MAX = 1024
 
 
-def _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend) -> _Call:
-    """Validate and canonicalise; any copy it makes runs on the current stream (see the callers)."""
-    arrays = dict(weight=weight, positions=positions, sigma=sigma)
-    if grad_kernel is not None:  # construct has none; construct_grad checked it is an array
-        arrays["grad_kernel"] = grad_kernel
-    ctx, chosen = _locate(backend, **arrays)
-    w, p, s, g = (ctx.to_compute(x) for x in (weight, positions, sigma, grad_kernel))
-    w_shape, w_dtype = shape_and_dtype(w)
-    p_shape, p_dtype = shape_and_dtype(p)
-    s_shape, s_dtype = shape_and_dtype(s) if s is not None else (None, None)
-    g_shape, g_dtype = shape_and_dtype(g) if g is not None else (None, None)
+def _typed(value):
+    if isinstance(value, (tuple, list)):
+        return (type(value), *map(type, value), *value)
+    return (type(value), value)
+
+
+def _validated(chosen: Backend, shapes_and_dtypes, sizes, interpolation, learned_dims):
+    """``(spec for the backend, mode)``, from the cache or by :meth:`KernelSpec.from_arguments`."""
+    try:
+        key = (chosen.name, shapes_and_dtypes, _typed(sizes), type(interpolation), interpolation, _typed(learned_dims))
+        found = _SPECS.get(key)
+    except TypeError:  # an unhashable argument: validate without caching (it will likely raise)
+        key = found = None
+    if found is not None:
+        return found
+    (w_shape, w_dtype), (p_shape, p_dtype), (s_shape, s_dtype), (g_shape, g_dtype) = shapes_and_dtypes
     spec = KernelSpec.from_arguments(
         weight_shape=w_shape,
         weight_dtype=w_dtype,
@@ -68,35 +77,78 @@ def _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learne
         interpolation=interpolation,
         learned_dims=learned_dims,
     )
-    if not chosen.supports(spec.dtype):
-        raise TypeError(f"backend {chosen.name!r} supports dtypes {chosen.dtypes}, got {spec.dtype}")
-    xp = _namespace(w)
+    mode = chosen.compute_mode(spec.dtype_name)
+    if mode == "float32":
+        spec = replace(spec, dtype=np.dtype(np.float32), storage="")
+    found = (spec, mode)
+    if key is not None:
+        if len(_SPECS) >= _SPECS_MAX:
+            _SPECS.clear()
+        _SPECS[key] = found
+    return found
+
+
+def _validate(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend, *, gradient=False) -> _Call:
+    """Everything SPEC section 5 checks, before any array is touched; no copies, no GPU work."""
+    arrays = dict(weight=weight, positions=positions, sigma=sigma)
+    if gradient:  # construct has no grad_kernel; construct_grad requires one
+        arrays["grad_kernel"] = grad_kernel
+    ctx = array_context(**arrays)
+    chosen = _select_backend(backend, ctx)
+    dtype_of = ctx.dtype_of
+    described = (
+        (tuple(weight.shape), dtype_of(weight)),
+        (tuple(positions.shape), dtype_of(positions)),
+        _NOTHING if sigma is None else (tuple(sigma.shape), dtype_of(sigma)),
+        _NOTHING if grad_kernel is None else (tuple(grad_kernel.shape), dtype_of(grad_kernel)),
+    )
+    spec, mode = _validated(chosen, described, sizes, interpolation, learned_dims)
+    dtype = spec.dtype_name if mode != "float32" else dtype_name(described[0][1])
+    return _Call(ctx, spec, chosen, mode, dtype, {"positions": described[1][0], "sigma": described[2][0]})
+
+
+_NOTHING = (None, None)
+
+
+def _canonicalise(call: _Call, weight, positions, sigma, grad_kernel) -> _Call:
+    """The canonical arrays of :mod:`ndcls._registry`; any copy runs on the current stream (see the callers)."""
+    spec, ctx, mode = call.spec, call.ctx, call.mode
     B, D, C, M = spec.n_batch, spec.n_dense, spec.count, spec.n_learned
 
     def canonical(x, full_shape, flat_shape):
         if x is None:
             return None
+        x = ctx.to_compute(x, mode)
         if x.shape != full_shape:
-            x = xp.broadcast_to(x, full_shape)
-        return xp.ascontiguousarray(x).reshape(flat_shape)
+            x = _namespace(x).broadcast_to(x, full_shape)
+        if not x.flags.c_contiguous:
+            x = _namespace(x).ascontiguousarray(x)
+        return x.reshape(flat_shape)
 
-    return _Call(
-        ctx=ctx,
-        spec=spec,
-        backend=chosen,
-        shapes={"positions": p_shape, "sigma": s_shape},
-        weight=canonical(w, spec.weight_shape, (B, D, C)),
-        positions=canonical(p, spec.positions_shape, (M, B, D, C)),
-        sigma=canonical(s, spec.positions_shape, (M, B, D, C)),
-        grad_kernel=canonical(g, spec.kernel_shape, (B, spec.block)),
-    )
+    call.weight = canonical(weight, spec.weight_shape, (B, D, C))
+    call.positions = canonical(positions, spec.positions_shape, (M, B, D, C))
+    call.sigma = canonical(sigma, spec.positions_shape, (M, B, D, C))
+    call.grad_kernel = canonical(grad_kernel, spec.kernel_shape, (B, spec.block))
+    return call
+
+
+def _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend) -> _Call:
+    """Validate and canonicalise (on the current stream: callers enter ``call.ctx.stream()`` first)."""
+    call = _validate(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend,
+                     gradient=grad_kernel is not None)
+    return _canonicalise(call, weight, positions, sigma, grad_kernel)
 
 
 def _reduce_to(grad, shape, spec: KernelSpec):
-    """Sum a full ``(M, B, D, C)`` gradient over the axes the caller's array broadcast along."""
+    """Sum a full ``(M, B, D, C)`` gradient over the axes the caller's array broadcast along
+    (a NumPy or CuPy array, or, for bfloat16, the caller's torch tensor)."""
     grad = grad.reshape(spec.positions_shape)
     axes = spec.broadcast_axes(shape)
-    return grad.sum(axis=axes, keepdims=True) if axes else grad
+    if not axes:
+        return grad
+    if type(grad).__module__.partition(".")[0] == "torch":
+        return grad.sum(dim=axes, keepdim=True)
+    return grad.sum(axis=axes, keepdims=True)
 
 
 def construct(weight, positions, sizes, *, sigma=None, interpolation="bilinear", learned_dims=None, backend=None):
@@ -124,12 +176,19 @@ def construct(weight, positions, sizes, *, sigma=None, interpolation="bilinear",
         >>> K.shape, float(K.sum())
         ((1, 5, 5), 3.0)
     """
-    ctx, _ = _locate(backend, weight=weight, positions=positions, sigma=sigma)
-    with ctx.stream():  # the caller's stream, also for the copies _prepare may make
-        call = _prepare(weight, positions, sigma, None, sizes, interpolation, learned_dims, backend)
-        impl = call.backend.load()
-        kernel = impl.construct(call.spec, call.weight, call.positions, call.sigma)
-    return ctx.from_compute(kernel.reshape(call.spec.kernel_shape))
+    call = _validate(weight, positions, sigma, None, sizes, interpolation, learned_dims, backend)
+    if not call.ctx.on_gpu:
+        return _construct(call, weight, positions, sigma)
+    # the caller's stream (and, for torch, its allocator) for the copies, the kernel and the
+    # hand-back, so that the DLPack exchange orders nothing on another stream
+    with call.ctx.stream():
+        return _construct(call, weight, positions, sigma)
+
+
+def _construct(call: _Call, weight, positions, sigma):
+    _canonicalise(call, weight, positions, sigma, None)
+    kernel = call.backend.load().construct(call.spec, call.weight, call.positions, call.sigma)
+    return call.ctx.from_compute(kernel.reshape(call.spec.kernel_shape), call.mode, call.dtype)
 
 
 def construct_grad(
@@ -146,13 +205,22 @@ def construct_grad(
         ``sigma`` (summed over the axes along which ``positions``/``sigma`` broadcast);
         ``grad_sigma`` is None for "bilinear".
     """
-    ctx, _ = _locate(backend, weight=weight, positions=positions, sigma=sigma, grad_kernel=grad_kernel)
-    with ctx.stream():
-        call = _prepare(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend)
-        impl = call.backend.load()
-        spec = call.spec
-        gw, gp, gs = impl.construct_grad(spec, call.grad_kernel, call.weight, call.positions, call.sigma)
-        gw = gw.reshape(spec.weight_shape)
+    call = _validate(weight, positions, sigma, grad_kernel, sizes, interpolation, learned_dims, backend, gradient=True)
+    if not call.ctx.on_gpu:
+        return _construct_grad(call, weight, positions, sigma, grad_kernel)
+    with call.ctx.stream():  # as in construct
+        return _construct_grad(call, weight, positions, sigma, grad_kernel)
+
+
+def _construct_grad(call: _Call, weight, positions, sigma, grad_kernel):
+    ctx, spec = call.ctx, call.spec
+    _canonicalise(call, weight, positions, sigma, grad_kernel)
+    gw, gp, gs = call.backend.load().construct_grad(spec, call.grad_kernel, call.weight, call.positions, call.sigma)
+    gw = gw.reshape(spec.weight_shape)
+    if call.mode == "bits":  # bfloat16 bits cannot be summed: reduce in the caller's library
+        gw, gp, gs = (ctx.from_compute(g, call.mode, call.dtype) for g in (gw, gp, gs))
         gp = _reduce_to(gp, call.shapes["positions"], spec)
-        gs = None if gs is None else _reduce_to(gs, call.shapes["sigma"], spec)
-    return tuple(ctx.from_compute(g) for g in (gw, gp, gs))
+        return gw, gp, None if gs is None else _reduce_to(gs, call.shapes["sigma"], spec)
+    gp = _reduce_to(gp, call.shapes["positions"], spec)
+    gs = None if gs is None else _reduce_to(gs, call.shapes["sigma"], spec)
+    return tuple(ctx.from_compute(g, call.mode, call.dtype) for g in (gw, gp, gs))

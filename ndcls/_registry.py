@@ -12,14 +12,20 @@ provides two functions over canonical arrays (see :class:`ndcls.KernelSpec`)::
 
 All inputs are C-contiguous arrays of ``spec.dtype``, NumPy arrays for ``device="cpu"``
 backends; GPU backends accept NumPy (copied in and out) or CuPy arrays and return the same kind.
+
+Dtypes: ``dtypes`` are those a backend takes natively (bfloat16 arrives as its bits, int16,
+with ``spec.storage == "bfloat16"``); ``upcast`` are those the array API converts to float32
+before calling the backend and converts the results back from (SPEC section 6: half precision
+on the CPU). Any other dtype is refused with a TypeError naming both lists.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 
-import numpy as np
+from ndcls._spec import HALF_DTYPES, dtype_name
 
 
 @dataclass(frozen=True)
@@ -30,8 +36,12 @@ class Backend:
     dtypes: tuple[str, ...]
     install_hint: str = ""
     description: str = ""
+    upcast: tuple[str, ...] = ()  # dtypes computed in float32 and returned in their own dtype
 
     def load(self):
+        module = sys.modules.get(self.module)
+        if module is not None:
+            return module
         try:
             return importlib.import_module(self.module)
         except ImportError as exc:
@@ -39,7 +49,23 @@ class Backend:
             raise ImportError(f"backend {self.name!r} is not usable here: {exc}.{hint}") from exc
 
     def supports(self, dtype) -> bool:
-        return np.dtype(dtype).name in self.dtypes
+        """Whether the array API accepts ``dtype`` for this backend (natively or upcast)."""
+        name = dtype_name(dtype)
+        return name in self.dtypes or name in self.upcast
+
+    def compute_mode(self, dtype) -> str:
+        """How arrays of ``dtype`` reach the kernels: "native", "bits" (bfloat16 as int16) or
+        "float32" (upcast); a TypeError naming what the backend takes otherwise."""
+        name = dtype_name(dtype)
+        if name in self.dtypes:
+            return "bits" if name == "bfloat16" else "native"
+        if name in self.upcast:
+            return "float32"
+        raise TypeError(
+            f"backend {self.name!r} takes dtypes {self.dtypes}"
+            + (f" (and {self.upcast}, computed in float32)" if self.upcast else "")
+            + f", got {name}"
+        )
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -80,6 +106,7 @@ register_backend(
         device="cpu",
         module="ndcls.kernels.reference",
         dtypes=("float32", "float64"),
+        upcast=HALF_DTYPES,
         description="vectorised NumPy reference (dense intermediates; for testing)",
     )
 )
@@ -89,6 +116,7 @@ register_backend(
         device="cpu",
         module="ndcls.kernels.cpu",
         dtypes=("float32", "float64"),
+        upcast=HALF_DTYPES,
         install_hint="pip install numba",
         description="Numba CPU kernels, parallel over batch",
     )
@@ -98,9 +126,9 @@ register_backend(
         name="cupy",
         device="cuda",
         module="ndcls.kernels.cupy_backend",
-        dtypes=("float16", "float32", "float64"),
+        dtypes=("float16", "bfloat16", "float32", "float64"),
         install_hint="pip install 'ndcls[cuda]'",
-        description="CUDA C++ kernels compiled with NVRTC through CuPy RawModule (float16 computes in float32)",
+        description="CUDA C++ kernels compiled with NVRTC through CuPy RawModule (float16 and bfloat16 compute in float32)",
     )
 )
 register_backend(
@@ -109,6 +137,7 @@ register_backend(
         device="cuda",
         module="ndcls.kernels.numba_cuda",
         dtypes=("float32", "float64"),
+        upcast=HALF_DTYPES,
         install_hint="pip install 'ndcls[cuda]'",
         description="Numba CUDA kernels: one block per batch index, shared-memory tiles (runs under NUMBA_ENABLE_CUDASIM=1)",
     )

@@ -20,6 +20,34 @@ NORMALISED = ("triangle", "gauss")
 EPS = 1e-7
 #: Largest kernel dimensionality N the array API accepts.
 MAX_DIMS = 8
+#: Half-precision dtypes (SPEC section 6): native on the GPU, computed in float32 on the CPU.
+HALF_DTYPES = ("float16", "bfloat16")
+#: NumPy has no bfloat16: kernels that take it natively see its bits as int16 (KernelSpec.storage).
+BFLOAT16_BITS = np.dtype(np.int16)
+
+
+_DTYPE_NAMES: dict = {}
+
+
+def dtype_name(dtype) -> str:
+    """Name of a dtype: ``"float32"`` for ``np.float32`` or ``"float32"``; ``"bfloat16"`` for
+    the string, ``torch.bfloat16`` or an ``ml_dtypes`` bfloat16 NumPy dtype."""
+    try:
+        return _DTYPE_NAMES[dtype]  # NumPy computes a dtype's name in Python: memoised
+    except (KeyError, TypeError):
+        pass
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        name = dtype
+    elif type(dtype).__module__ == "torch":
+        name = str(dtype).rpartition(".")[2]
+    else:
+        name = np.dtype(dtype).name
+    try:
+        if len(_DTYPE_NAMES) < 256:
+            _DTYPE_NAMES[dtype] = name
+    except TypeError:  # unhashable
+        pass
+    return name
 
 
 def _describe(shape) -> str:
@@ -98,7 +126,21 @@ class KernelSpec:
     interpolation: str
     batch_shape: tuple[int, ...]
     count: int
-    dtype: np.dtype
+    dtype: np.dtype  # of the arrays the backend receives
+    storage: str = ""  # "bfloat16" when ``dtype`` holds bfloat16 bits (BFLOAT16_BITS)
+
+    @cached_property
+    def dtype_name(self) -> str:
+        """The values' dtype: ``storage`` if set, else the name of ``dtype``."""
+        return self.storage or dtype_name(self.dtype)
+
+    def __hash__(self) -> int:
+        # specs key the caches of launch plans and layouts: hash the fields once per spec
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.sizes, self.learned_dims, self.interpolation, self.batch_shape, self.count, self.dtype, self.storage))
+            self.__dict__["_hash"] = h
+        return h
 
     # -- derived shapes -------------------------------------------------------------------
     @property
@@ -205,12 +247,19 @@ class KernelSpec:
         learned = normalise_learned_dims(learned_dims, len(sizes))
         n_dense_axes = len(sizes) - len(learned)
 
-        weight_dtype = np.dtype(weight_dtype)
-        if weight_dtype.kind != "f" or not weight_dtype.isnative:
-            raise TypeError(f"weight must have a floating dtype in native byte order, got {weight_dtype}")
+        weight_name = dtype_name(weight_dtype)
+        if weight_name == "bfloat16":
+            weight_dtype, storage = BFLOAT16_BITS, "bfloat16"
+        else:
+            weight_dtype, storage = np.dtype(weight_dtype), ""
+            if weight_dtype.kind != "f" or not weight_dtype.isnative:
+                raise TypeError(f"weight must have a floating dtype in native byte order, got {weight_dtype}")
         for name, dt in (("positions", positions_dtype), ("sigma", sigma_dtype), ("grad_kernel", grad_kernel_dtype)):
-            if dt is not None and np.dtype(dt) != weight_dtype:
-                raise TypeError(f"{name} must have the dtype of weight ({weight_dtype}), got {np.dtype(dt)}")
+            if dt is None:
+                continue
+            if dtype_name(dt) != weight_name or (storage == "" and np.dtype(dt) != weight_dtype):
+                shown = dtype_name(dt) if storage or dtype_name(dt) == "bfloat16" else np.dtype(dt)
+                raise TypeError(f"{name} must have the dtype of weight ({storage or weight_dtype}), got {shown}")
 
         weight_shape = tuple(weight_shape)
         n_batch_axes = len(weight_shape) - 1 - n_dense_axes
@@ -233,6 +282,7 @@ class KernelSpec:
             batch_shape=weight_shape[:n_batch_axes],
             count=weight_shape[-1],
             dtype=weight_dtype,
+            storage=storage,
         )
         spec._check_broadcastable("positions", positions_shape)
         if spec.normalised:

@@ -1,4 +1,5 @@
-"""The ``ndcls`` command: ``ndcls demo`` (positions learned end to end) and ``ndcls bench``.
+"""The ``ndcls`` command: ``ndcls demo`` (positions learned end to end), ``ndcls bench`` and
+``ndcls check`` (every backend on this machine against the NumPy reference).
 
 Only argparse runs at import; torch, matplotlib and tqdm are imported inside the commands, so
 ``ndcls --help`` stays fast.
@@ -68,9 +69,22 @@ def _bench(args) -> int:
     return 0
 
 
+# -- ndcls check ---------------------------------------------------------------------------
+def _check(args) -> int:
+    from ndcls import check
+
+    if not check.gpu_present() and "numba.cuda" not in sys.modules:
+        # no GPU: numba-cuda runs under the simulator (small cases), as in the CPU tests
+        os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    return check.main(
+        backends=args.backend or None, dtypes=tuple(args.dtype or check.DTYPES), quick=args.quick,
+        large=not args.quick, huge=not args.no_huge,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ndcls", description="ndcls: Dilated Convolution with Learnable Spacings (demo and benchmarks)."
+        prog="ndcls", description="ndcls: Dilated Convolution with Learnable Spacings (demo, benchmarks, checks)."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -106,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default=None, help="ndcls backend of the construction benchmark (default: the host arrays' default)")
     b.add_argument("--no-reference", action="store_true", help="skip the reference implementation even if installed")
     b.set_defaults(func=_bench, argv=None)
+
+    c = sub.add_parser(
+        "check", help="verify every backend on this machine against the NumPy reference (exit 1 on disagreement)",
+        description="Runs every backend usable here (numpy, numba; cupy and numba-cuda on a GPU, numba-cuda under "
+        "the CUDA simulator without one) forward and backward on a fixed set of cases (every interpolation, "
+        "N = 1..3, N-M-D, invalid elements, a large batch, on a GPU a kernel of more than 2**31 cells) in "
+        "float64/float32/float16/bfloat16, compares with the float64 NumPy reference within the per-dtype "
+        "tolerances, prints a table and exits non-zero on any disagreement.",
+    )
+    c.add_argument("--quick", action="store_true", help="small cases only (seconds; e.g. under compute-sanitizer)")
+    c.add_argument("--backend", action="append", help="check only this backend (repeatable)")
+    c.add_argument("--dtype", action="append", choices=("float64", "float32", "float16", "bfloat16"),
+                   help="check only this dtype (repeatable)")
+    c.add_argument("--no-huge", action="store_true", help="skip the kernel of more than 2**31 cells (GPU)")
+    c.set_defaults(func=_check)
     return parser
 
 

@@ -5,7 +5,9 @@ g++ against ``cuda_emulation/cuda_host.h``, which emulates threads, blocks, shar
 ``__syncthreads``, ``__syncwarp``, warp shuffles and ``atomicAdd`` (one OS thread per CUDA
 thread). Launch configurations come from the backend's own ``forward_launch`` and
 ``backward_launch``, for a device described by ``LIMITS`` (small, so that tiling, the
-chunked fallback and whole-warp groups all occur on small kernels). float32 and float64 only.
+chunked fallback and whole-warp groups all occur on small kernels). float32, float64 and
+bfloat16 (its conversions are plain integer code; bfloat16 arrays are int16 bits, as the
+backend receives them: call :func:`construct`/:func:`construct_grad` with a bfloat16 spec).
 
 This module is a backend module in the sense of ``ndcls._registry`` (host arrays), registered
 by the test that uses it under the name "cupy-emulated".
@@ -30,6 +32,9 @@ HEADER = Path(__file__).parent / "cuda_emulation" / "cuda_host.h"
 LIMITS = cb.DeviceLimits(n_sm=2, shared_default=4096, shared_optin=8192, capability=(8, 0))
 THREADS = 64
 DTYPES = ("float32", "float64")
+#: dtypes the emulation builds beyond those the registered "cupy-emulated" backend takes
+BITS_DTYPES = ("bfloat16",)
+_CTYPES = {"float32": "float", "float64": "double", "bfloat16": "ndcls::bf16"}
 
 
 def compiler():
@@ -41,7 +46,7 @@ def _tag(key: cb.Specialisation) -> str:
 
 
 def _wrappers(key: cb.Specialisation) -> str:
-    t = {"float32": "float", "float64": "double"}[key.dtype]
+    t = _CTYPES[key.dtype]
     i = cb.INDEX_TYPES[key.int64]
     args = cb.INTERPOLATION_CODES[key.interpolation]
     targs = f"{t}, {key.n_learned}, {args}, {i}"
@@ -50,13 +55,14 @@ def _wrappers(key: cb.Specialisation) -> str:
 extern "C" void construct_{tag}(int grid, int threads, int group, const void* w, const void* p, const void* s,
         void* k, const void* layout, long long nb, long long nd, long long c, long long block, long long span, int plen) {{
     emu::launch(&ndcls::construct_kernel<{targs}>, grid, threads, group, (const {t}*)w, (const {t}*)p,
-        (const {t}*)s, ({t}*)k, (const {i}*)layout, ({i})nb, ({i})nd, ({i})c, ({i})block, ({i})span, plen, group);
+        (const {t}*)s, ({t}*)k, *(const ndcls::Layout<{i}>*)layout, ({i})nb, ({i})nd, ({i})c, ({i})block, ({i})span,
+        plen, group);
 }}
 extern "C" void construct_grad_{tag}(int grid, int threads, int group, const void* g, const void* w, const void* p,
         const void* s, void* gw, void* gp, void* gs, const void* layout, long long nb, long long nd, long long c,
         long long block, int plen) {{
     emu::launch(&ndcls::construct_grad_kernel<{targs}>, grid, threads, group, (const {t}*)g, (const {t}*)w,
-        (const {t}*)p, (const {t}*)s, ({t}*)gw, ({t}*)gp, ({t}*)gs, (const {i}*)layout, ({i})nb, ({i})nd, ({i})c,
+        (const {t}*)p, (const {t}*)s, ({t}*)gw, ({t}*)gp, ({t}*)gs, *(const ndcls::Layout<{i}>*)layout, ({i})nb, ({i})nd, ({i})c,
         ({i})block, plen, group);
 }}
 """
@@ -70,7 +76,11 @@ def library(keys) -> ctypes.CDLL:
     keys = tuple(sorted(set(keys), key=_tag))
     if keys in _LIBRARIES:
         return _LIBRARIES[keys]
-    source = f'#include "{HEADER}"\n' + cb.kernel_source() + "".join(_wrappers(k) for k in keys)
+    # the kernels' Layout<I> must have the size of its NumPy twin, which the backend passes by value
+    checks = "".join(
+        f"static_assert(sizeof(ndcls::Layout<{cb.INDEX_TYPES[w]}>) == {cb.layout_dtype(w).itemsize});\n" for w in (False, True)
+    )
+    source = f'#include "{HEADER}"\n' + cb.kernel_source() + checks + "".join(_wrappers(k) for k in keys)
     digest = hashlib.sha256((source + HEADER.read_text()).encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / f"ndcls-cuda-emulation-{os.getuid()}"
     cache.mkdir(exist_ok=True)
@@ -87,8 +97,8 @@ def library(keys) -> ctypes.CDLL:
     return lib
 
 
-def all_keys(max_learned: int):
-    return [k for k in cb.specialisations() if k.dtype in DTYPES and k.n_learned <= max_learned]
+def all_keys(max_learned: int, dtype: str):
+    return [k for k in cb.specialisations() if k.dtype == dtype and k.n_learned <= max_learned]
 
 
 _MAX_LEARNED = 4  # specialisations built into the library (the harness draws N <= 4)
@@ -98,7 +108,7 @@ def _function(spec, name):
     key = cb.specialisation(spec)
     if key.n_learned > _MAX_LEARNED:
         raise ValueError(f"the emulation is built for M <= {_MAX_LEARNED}, got M = {key.n_learned}")
-    return key, getattr(library(all_keys(_MAX_LEARNED)), f"{name}_{_tag(key)}")
+    return key, getattr(library(all_keys(_MAX_LEARNED, key.dtype)), f"{name}_{_tag(key)}")
 
 
 def _ptr(x):
@@ -111,7 +121,7 @@ def construct(spec, weight, positions, sigma, out=None):
         return kernel
     key, fn = _function(spec, "construct")
     launch = cb.forward_launch(spec, LIMITS, threads=THREADS)
-    layout = cb.host_layout(spec, key.int64)
+    layout = np.array(cb.layout_value(spec.sizes, spec.learned_dims, key.int64))
     sigma = positions if sigma is None else sigma
     fn(
         ctypes.c_int(launch.grid), ctypes.c_int(launch.threads), ctypes.c_int(launch.group),
@@ -129,7 +139,7 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
     if weight.size:
         key, fn = _function(spec, "construct_grad")
         launch = cb.backward_launch(spec, LIMITS, threads=THREADS)
-        layout = cb.host_layout(spec, key.int64)
+        layout = np.array(cb.layout_value(spec.sizes, spec.learned_dims, key.int64))
         fn(
             ctypes.c_int(launch.grid), ctypes.c_int(launch.threads), ctypes.c_int(launch.group),
             _ptr(grad_kernel), _ptr(weight), _ptr(positions), _ptr(positions if sigma is None else sigma),

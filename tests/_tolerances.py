@@ -1,4 +1,5 @@
-"""Tolerances per dtype, stated once, and the comparison every test uses.
+"""The comparison every test uses, with the per-dtype tolerances of :mod:`ndcls._tolerances`
+(stated once, in the package, so that ``ndcls check`` judges by the same table).
 
 ``rtol`` and ``atol`` are relative to the largest magnitude of the expected array (at least 1),
 so a sum of many terms is judged on its scale. float32/float16 results are compared with a
@@ -7,11 +8,10 @@ float64-accurate reference, so they carry the rounding of the lower precision.
 
 import numpy as np
 
-TOLERANCES = {
-    np.dtype("float64"): dict(rtol=1e-9, atol=1e-11),
-    np.dtype("float32"): dict(rtol=2e-5, atol=2e-6),
-    np.dtype("float16"): dict(rtol=5e-3, atol=5e-3),
-}
+from ndcls._tolerances import TOLERANCES as _BY_NAME
+
+#: dtype -> dict(rtol, atol) for the dtypes NumPy has (bfloat16 is in ndcls._tolerances by name).
+TOLERANCES = {np.dtype(name): tol for name, tol in _BY_NAME.items() if name != "bfloat16"}
 
 
 def assert_close(actual, expected, dtype=None, *, scale=None, what=""):

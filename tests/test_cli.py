@@ -21,7 +21,7 @@ def test_module_help_is_light():
            "print(sorted(m for m in ('torch', 'matplotlib', 'tqdm', 'cupy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True)
     assert out.stdout.strip() == "[]"
-    for args in (["--help"], ["demo", "--help"], ["bench", "--help"]):
+    for args in (["--help"], ["demo", "--help"], ["bench", "--help"], ["check", "--help"]):
         res = subprocess.run([sys.executable, "-m", "ndcls", *args], capture_output=True, text=True, env=_env())
         assert res.returncode == 0, res.stderr
         assert "usage: ndcls" in res.stdout

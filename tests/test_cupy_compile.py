@@ -110,3 +110,16 @@ def test_dispatcher_requests_only_enumerated_specialisations(case):
     key = cb.specialisation(case.spec)
     assert key in set(cb.specialisations())
     assert key.dtype == np.dtype(case.dtype).name and key.n_learned == len(case.learned_dims)
+
+
+def test_layout_struct_argument_has_the_size_of_its_numpy_twin():
+    """The Layout<I> kernel parameter, as NVRTC lays it out, is what the backend passes by value."""
+    import re
+
+    keys = [k for k in cb.specialisations() if k.n_learned == 2 and k.dtype == "float32" and k.interpolation == "gauss"]
+    ptx, lowered = nvrtc_compile(cb.kernel_source(), _names(keys), "--gpu-architecture=compute_80")
+    for key in keys:
+        want = cb.layout_dtype(key.int64).itemsize
+        for name in key.name_expressions:
+            sizes = re.findall(rf"{re.escape(lowered[name])}_param_\d+\[(\d+)\]", ptx)
+            assert sizes == [str(want)], f"{name}: struct parameters {sizes}, expected one of {want} bytes"

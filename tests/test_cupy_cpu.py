@@ -100,7 +100,7 @@ PATHS = {
     "one kernel, opt-in shared memory": dict(sizes=(24, 30), batch=(2,), count=2, learned=None),
     "chunked fallback": dict(sizes=(40, 50), batch=(2,), count=3, learned=None),
     "chunked fallback, dense axis pruning": dict(sizes=(30, 45), batch=(2,), count=2, learned=(1,)),
-    "whole-warp groups, long axes": dict(sizes=(60, 70), batch=(1,), count=2, learned=None),
+    "fewer groups, long axes": dict(sizes=(60, 70), batch=(1,), count=2, learned=None),
     "N4 M2": dict(sizes=(3, 4, 5, 6), batch=(2,), count=2, learned=(3, 1)),
 }
 
@@ -126,8 +126,9 @@ def test_emulated_launch_paths(emulated, path, interpolation):
         assert launch.span >= 2 * spec.block
     elif "opt-in" in path:
         assert launch.span == spec.block and launch.shared > emu.LIMITS.shared_default
-    if "whole-warp" in path:
-        assert cb.backward_launch(spec, emu.LIMITS, threads=emu.THREADS).group == 32
+    if "fewer groups" in path:  # long rows: fewer groups per block; bilinear keeps 2x2 lanes
+        back = cb.backward_launch(spec, emu.LIMITS, threads=emu.THREADS)
+        assert back.group == 4 if interpolation == "bilinear" else back.threads < emu.THREADS
     k = ndcls.construct(w, p, sizes, backend=emulated, **kw)
     assert_close(k, ndcls.construct(w, p, sizes, backend="numpy", **kw), what="K")
     g = rng.standard_normal(k.shape)
@@ -201,12 +202,38 @@ def test_index_width():
 
 def test_layout_matches_spec():
     spec = _spec((3, 4, 5, 6), (2,), 2, learned=(3, 1))
-    layout = cb.host_layout(spec, False)
-    assert layout.dtype == np.int32
+    layout = cb.layout_value(spec.sizes, spec.learned_dims, False)
+    assert layout.dtype.itemsize == 4 * (4 * ndcls.MAX_DIMS + 1)
+    assert layout["sizes"].dtype == np.int32
     m = spec.n_learned
-    assert tuple(layout[:m]) == spec.learned_sizes == (6, 4)
-    assert tuple(layout[m : 2 * m]) == spec.learned_strides == (1, 30)
-    np.testing.assert_array_equal(layout[2 * m :], spec.dense_offsets)
+    assert tuple(layout["sizes"][:m]) == spec.learned_sizes == (6, 4)
+    assert tuple(layout["strides"][:m]) == spec.learned_strides == (1, 30)
+    assert tuple(layout["dense_sizes"][:2]) == (3, 5) and tuple(layout["dense_strides"][:2]) == (120, 6)
+    assert layout["n_dense_axes"] == 2 and not layout["sizes"][m:].any()
+    assert cb.layout_value(spec.sizes, spec.learned_dims, True)["sizes"].dtype == np.int64
+    assert f"#define NDCLS_MAX_DIMS {ndcls.MAX_DIMS}" in cb.kernel_source()
+
+
+def test_launch_arguments_need_no_device_table():
+    """Graph-safe launches: every kernel argument is an array of the call or a value."""
+    import inspect
+
+    source = inspect.getsource(cb)
+    assert "synchronize" not in source and "cupy.asarray(host" not in source
+    assert "const Layout<I> layout" in cb.kernel_source()
+
+
+def test_narrow_groups_stay_narrow_when_scratch_is_short():
+    """ConvNeXt bilinear backward: 4 lanes per element (2x2 cells), not 32-lane groups."""
+    spec = _spec((17, 17), (768, 1), 34, interpolation="bilinear")
+    launch = cb.backward_launch(spec, H100)
+    assert launch.group == 4 and launch.threads % 32 == 0 and launch.threads >= 128
+    assert cb._profile_length(spec) == 4  # 2 cells per learned axis
+    long_rows = _spec((400, 400), (8,), 3, interpolation="bilinear", dtype="float64")
+    assert cb.backward_launch(long_rows, H100).group == 4
+    wide = _spec((60, 70), (1,), 2, dtype="float64")  # triangle/gauss scratch spans the axes
+    launch = cb.backward_launch(wide, H100)
+    assert launch.shared <= H100.shared_default // 2 + 3 * 130 * 8 and launch.threads % launch.group == 0
 
 
 # -- registration and errors without CuPy or a GPU -------------------------------------------------
@@ -264,3 +291,89 @@ def test_importing_ndcls_does_not_import_cupy():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"
+
+
+# -- bfloat16 kernels, emulated ------------------------------------------------------------------
+
+
+def _to_bf16_bits(x):
+    """float -> bfloat16 bits (int16), round to nearest even (NumPy has no bfloat16)."""
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(x, dtype=np.float32))
+    rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded.view(np.int16)
+
+
+def _from_bf16_bits(bits):
+    return (np.asarray(bits).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def test_bf16_bit_helpers_round_to_nearest_even():
+    x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-9, 1 + 3 * 2**-8, -3.0, np.inf, np.nan], dtype=np.float32)
+    back = _from_bf16_bits(_to_bf16_bits(x))
+    # bfloat16 steps by 2**-7 above 1: 1 + 2**-8 ties to even (1), 1 + 3 * 2**-8 ties to even (1 + 2**-6)
+    np.testing.assert_array_equal(back[:6], [1.0, 1.0, 1 + 2**-7, 1 + 2**-6, -3.0, np.inf])
+    assert np.isnan(back[6])
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("interpolation", ndcls.INTERPOLATIONS)
+@pytest.mark.parametrize("path", ["tile of batch kernels", "chunked fallback", "N4 M2"])
+def test_emulated_bfloat16_kernels_match_reference(path, interpolation):
+    """bfloat16 loads, float32 arithmetic and round-to-nearest-even stores, against float64 on
+    the same rounded inputs."""
+    from dataclasses import replace
+
+    from ndcls._tolerances import worst_error
+
+    e = PATHS[path]
+    rng = np.random.default_rng(3)
+    sizes, learned = e["sizes"], e["learned"] or tuple(range(len(e["sizes"])))
+    dense = tuple(sizes[a] for a in range(len(sizes)) if a not in learned)
+    w = rng.standard_normal((*e["batch"], *dense, e["count"]))
+    p = draw_positions(rng, (len(learned), *w.shape), learned_row_sizes(sizes, learned), "around")
+    s = rng.uniform(0.6, 3.0, size=p.shape) if interpolation != "bilinear" else None
+    p[0, ..., 0] = np.nan  # an invalid element: NaN gradients, nothing in K
+    bits = [None if x is None else _to_bf16_bits(x) for x in (w, p, s)]
+    w64, p64, s64 = (None if b is None else _from_bf16_bits(b).astype(np.float64) for b in bits)
+    call = _prepare(w64, p64, s64, None, sizes, interpolation, e["learned"], "numpy")
+    spec = replace(call.spec, dtype=np.dtype(np.int16), storage="bfloat16")
+    assert cb.specialisation(spec).dtype == "bfloat16"
+    flat = [None if b is None else b.reshape(x.shape) for b, x in zip(bits, (call.weight, call.positions, call.positions))]
+    k_bits = emu.construct(spec, flat[0], flat[1], flat[2])
+    k_ref = ndcls.construct(w64, p64, sizes, sigma=s64, interpolation=interpolation, learned_dims=e["learned"], backend="numpy")
+    k = _from_bf16_bits(k_bits).reshape(k_ref.shape)
+    worst, same_nan = worst_error(k, k_ref, "bfloat16")
+    assert same_nan and worst <= 1, f"K: worst error {worst:.2f} of the bfloat16 tolerance"
+    g = _from_bf16_bits(_to_bf16_bits(rng.standard_normal(k_ref.shape))).astype(np.float64)
+    grads = emu.construct_grad(spec, _to_bf16_bits(g).reshape(spec.n_batch, spec.block), *flat)
+    expected = ndcls.construct_grad(g, w64, p64, sizes, sigma=s64, interpolation=interpolation, learned_dims=e["learned"], backend="numpy")
+    for name, got, want in zip(("weight", "positions", "sigma"), grads, expected):
+        if want is None:
+            assert got is None
+            continue
+        got = _from_bf16_bits(got).reshape(want.shape)
+        worst, same_nan = worst_error(got, want, "bfloat16")
+        assert same_nan, f"grad_{name}: NaN pattern differs"
+        assert worst <= 1, f"grad_{name}: worst error {worst:.2f} of the bfloat16 tolerance"
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+def test_emulated_bfloat16_stores_round_to_nearest_even():
+    """Two bfloat16 weights on one cell: their float32 sum is exact, so the stored K is exactly
+    that sum rounded to nearest even (truncation or ties away would differ for some pairs)."""
+    rng = np.random.default_rng(5)
+    w = _to_bf16_bits(rng.standard_normal((256, 2)) * np.array([1.0, 2**-5]))
+    p = np.zeros((1, 256, 1, 2), dtype=np.float64)
+    call = _prepare(_from_bf16_bits(w).astype(np.float64), p.reshape(1, 256, 2), None, None, (3,), "bilinear", None, "numpy")
+    from dataclasses import replace
+
+    spec = replace(call.spec, dtype=np.dtype(np.int16), storage="bfloat16")
+    k = emu.construct(spec, w.reshape(256, 1, 2), _to_bf16_bits(p), None)
+    exact = _from_bf16_bits(w).sum(axis=1, dtype=np.float32)
+    np.testing.assert_array_equal(k[:, 0].view(np.uint16), _to_bf16_bits(exact).view(np.uint16))
+    assert (_to_bf16_bits(exact) != (exact.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)).any()
+    assert (k[:, 1:] == 0).all()

@@ -86,3 +86,46 @@ def test_numpy_results_are_fresh_arrays_of_the_input_dtype():
         p = (rng.random((1, 2, 3)) * 4).astype(dtype)
         k = ndcls.construct(w, p, (5,))
         assert k.dtype == dtype and k.flags.c_contiguous and k.flags.writeable
+
+
+def test_gpu_results_are_handed_back_inside_the_stream_context(monkeypatch):
+    """For GPU arrays every step, the DLPack hand-back included, runs inside ``ctx.stream()``
+    (the caller's stream and allocator); checked with a stand-in context on the CPU."""
+    import contextlib
+    from dataclasses import dataclass
+
+    from ndcls import _api
+    from ndcls._arrays import ArrayContext
+    from ndcls._registry import _BACKENDS
+
+    events = []
+
+    @dataclass(frozen=True)
+    class RecordingContext(ArrayContext):
+        @property
+        def on_gpu(self):
+            return True
+
+        @contextlib.contextmanager
+        def stream(self):
+            events.append("enter")
+            yield
+            events.append("exit")
+
+        def from_compute(self, x, mode="native", dtype=""):
+            events.append("hand-back")
+            return x
+
+    ctx = RecordingContext("numpy", ("cpu", 0))
+    monkeypatch.setattr(_api, "array_context", lambda **arrays: ctx)
+    monkeypatch.setattr(_api, "cupy_on_device", lambda index: None)
+    ndcls.register_backend(ndcls.Backend(name="fake-gpu", device="cuda", module="ndcls.kernels.reference", dtypes=("float64",)))
+    try:
+        w, p = rng.standard_normal((2, 3)), rng.random((1, 2, 3)) * 4
+        ndcls.construct(w, p, (5,), backend="fake-gpu")
+        assert events == ["enter", "hand-back", "exit"]
+        events.clear()
+        ndcls.construct_grad(np.ones((2, 5)), w, p, (5,), backend="fake-gpu")
+        assert events[0] == "enter" and events[-1] == "exit" and events.count("hand-back") == 3
+    finally:
+        _BACKENDS.pop("fake-gpu", None)

@@ -78,6 +78,7 @@ def test_tile_placements_and_chunks_match_reference(monkeypatch, interpolation, 
     """Both tile placements, gauss chunks of fewer threads than elements, grid-stride over batch."""
     mod = _module()
     monkeypatch.setattr(mod, "_MAX_GRID", 2)  # 3 batch indices: one block walks two of them
+    monkeypatch.setattr(mod, "THREADS", 32)  # one warp per block: cheap under the simulator
     if tile == "global":
         monkeypatch.setattr(mod, "SHARED_BYTES", 8 * 110)  # a 5 x 6 tile leaves too few profile slots
     sizes, count = (5, 6), mod.THREADS + 3  # more elements per dense index than threads
@@ -298,3 +299,55 @@ def test_int64_indices_beyond_2_31_cells():
     assert_close(gw[-tail:].get(), ew, what="grad_weight beyond 2**31")
     assert_close(gp[:, -tail:].get(), ep, what="grad_positions beyond 2**31")
 
+
+
+# -- launch planning: a pure function, checked with real limits ----------------------------------
+
+
+def _spec(sizes, batch, count, interpolation="gauss", learned=None, dtype="float32"):
+    rows = tuple(range(len(sizes))) if learned is None else learned
+    w_shape = (*batch, *(sizes[a] for a in range(len(sizes)) if a not in rows), count)
+    p_shape = (len(rows), *w_shape)
+    normalised = interpolation != "bilinear"
+    return ndcls.KernelSpec.from_arguments(
+        weight_shape=w_shape, weight_dtype=dtype, positions_shape=p_shape, positions_dtype=dtype,
+        sigma_shape=p_shape if normalised else None, sigma_dtype=dtype if normalised else None,
+        sizes=sizes, interpolation=interpolation, learned_dims=learned,
+    )
+
+
+@needs_numba_cuda
+def test_plan_is_pure_and_the_same_under_the_simulator():
+    mod = _module()
+    assert mod.THREADS == 128  # no simulator-specific block size
+    spec = _spec((17, 17), (768,), 34)
+    for direction in ("forward", "backward"):
+        assert mod.plan(spec, direction) == mod.plan(spec, direction, shared_bytes=48 * 1024, max_threads=128)
+    code = (
+        "import os; os.environ['NUMBA_ENABLE_CUDASIM'] = '1'; import ndcls; from ndcls.kernels import numba_cuda as m; "
+        "s = ndcls.KernelSpec((17, 17), (0, 1), 'gauss', (768,), 34, __import__('numpy').dtype('float32')); "
+        "print(m.plan(s, 'forward'), m.plan(s, 'backward'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()
+    assert out == f"{mod.plan(spec, 'forward')} {mod.plan(spec, 'backward')}"
+
+
+@needs_numba_cuda
+def test_plan_with_h100_limits():
+    mod = _module()
+    h100 = dict(shared_bytes=48 * 1024, max_threads=128)
+    # ConvNeXt depthwise 17x17, 34 elements: tile in shared memory, whole warps, within 48 KiB
+    for direction in ("forward", "backward"):
+        threads, shared_tile, dyn = mod.plan(_spec((17, 17), (768,), 34), direction, **h100)
+        assert shared_tile and threads % 32 == 0 and threads >= 32 and dyn <= 48 * 1024
+    # blocks sized by the work: 3 elements per batch index need one warp, not 128 threads
+    assert mod.plan(_spec((5,), (64,), 3, "bilinear"), "backward", **h100)[0] == 32
+    assert mod.plan(_spec((7, 7), (4,), 100, "triangle"), "forward", **h100)[0] == 128
+    # gauss forward threads also split the tile's cells
+    assert mod.plan(_spec((9, 9), (4,), 2), "forward", **h100)[0] == 96
+    # backward: a shared tile that would cost threads stays in global memory
+    threads, shared_tile, _ = mod.plan(_spec((60, 60), (2,), 64, learned=(1,)), "backward", **h100)
+    assert not shared_tile and threads == 32
+    # forward: the same shape accumulates in global memory only when no warp fits beside the tile
+    assert not mod.plan(_spec((80, 80), (2,), 64, learned=(1,)), "forward", **h100)[1]

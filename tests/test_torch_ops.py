@@ -143,3 +143,41 @@ def test_cuda_matches_cpu_and_gradcheck(interpolation):
     args = (wc, pc) if sc is None else (wc, pc, sc)
     fn = lambda w, p, *a: construct(w, p, sizes, sigma=a[0] if a else None, **kw)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("needs", [(w, p, s) for w in (0, 1) for p in (0, 1) for s in (0, 1) if w or p or s])
+def test_every_subset_of_inputs_requiring_grad(needs):
+    """Eager path and custom op: each requested gradient equals construct_grad's, the others stay None."""
+    from ndcls.torch_bridge._ops import _EagerConstruct
+
+    w, p, s = (x.detach().requires_grad_(bool(n)) for x, n in zip(_inputs((2,), (4, 5), None, 3), needs))
+    g = torch.randn(2, 4, 5, dtype=torch.float64)
+    expected = ndcls.construct_grad(g, w.detach(), p.detach(), (4, 5), sigma=s.detach(), interpolation="triangle")
+    for route in ("eager", "custom op"):
+        for x in (w, p, s):
+            x.grad = None
+        if route == "eager":
+            k = _EagerConstruct.apply(w, p, s, [4, 5], "triangle", [0, 1])
+        else:
+            k = _construct_op(w, p, [4, 5], s, "triangle", [0, 1])
+        k.backward(g)
+        for x, n, e in zip((w, p, s), needs, expected):
+            if n:
+                assert_close(x.grad.numpy(), e.numpy(), what=route)
+            else:
+                assert x.grad is None, route
+
+
+def test_eager_path_skips_the_custom_op_and_compile_uses_it(monkeypatch):
+    import ndcls.torch_bridge._ops as ops
+
+    w, p, s = _inputs((2,), (4, 5), None, 3)
+    calls = []
+    monkeypatch.setattr(ops, "_construct_op", lambda *a: calls.append(a) or ndcls.construct(a[0].detach(), a[1].detach(), a[2]))
+    construct(w, p, (4, 5)).sum().backward()
+    with torch.no_grad():
+        construct(w, p, (4, 5))
+    assert calls == [] and w.grad is not None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    construct(w, p, (4, 5))
+    assert len(calls) == 1

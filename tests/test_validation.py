@@ -58,7 +58,7 @@ BAD = {
     "unknown interpolation": (dict(interpolation="bicubic"), ValueError, r"interpolation must be one of \('bilinear', 'triangle', 'gauss'\), got 'bicubic'"),
     "unknown backend": (dict(backend="opencl"), ValueError, r"backend must be None or one of \(.*'numpy'.*\), got 'opencl'"),
     "list instead of array": (dict(weight=W.tolist()), TypeError, r"weight: expected an array"),
-    "float16 on cpu backend": (dict(weight=W.astype(np.float16), positions=P.astype(np.float16)), TypeError, r"backend 'numba' supports dtypes \('float32', 'float64'\), got float16"),
+    "longdouble on cpu backend": (dict(weight=W.astype(np.longdouble), positions=P.astype(np.longdouble)), TypeError, r"backend 'numba' takes dtypes \('float32', 'float64'\) \(and \('float16', 'bfloat16'\), computed in float32\), got float128"),
 }
 
 

@@ -215,6 +215,13 @@ def run_all(out: str, *, quick: bool = False, device: str = "cpu", backend: Opti
                  f"Count {sweep_settings['count']} at every size; depthwise layer on a ({b}, {c}, {n}, {n}) input "
                  "with \"same\" padding, and the kernel construction alone (gauss).", "", table, "",
                  "![time against dilated kernel size](bench.png)", ""]
+    if device.startswith("cuda"):  # construction bandwidth on the GPU and the block at a GPU batch size
+        from ndcls.bench import gpu
+
+        print("GPU")
+        section = gpu.run(quick=quick, progress=progress, command=command)
+        print(section, "\n")
+        sections += [section, ""]
     md = os.path.join(out, "benchmarks.md")
     with open(md, "w") as f:
         f.write("\n".join(sections))

@@ -280,12 +280,19 @@ def _signature(py_func, args):
     return tuple(types)
 
 
+def _argument_key(arg):
+    """What Numba's typing of ``arg`` depends on, cheaper to compute than ``numba.typeof``."""
+    if isinstance(arg, np.ndarray):
+        return (arg.dtype.char, arg.ndim, arg.flags.c_contiguous, arg.flags.f_contiguous)
+    return type(arg)
+
+
 def _run(py_func, parallel, *args):
     """Call the compiled version of ``py_func`` for these argument types (compiling it once)."""
-    sig = _signature(py_func, args)
-    key = (py_func.__name__, parallel, sig)
+    key = (py_func.__name__, parallel, tuple(map(_argument_key, args)))
     compiled = _COMPILED.get(key)
     if compiled is None:
+        sig = _signature(py_func, args)
         # A distinct qualified name per variant keeps the serial and parallel versions apart in
         # Numba's on-disk cache, which keys entries by function and signature, not by flags.
         variant = types_.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__)
@@ -302,12 +309,18 @@ def _work(spec) -> int:
     return spec.n_batch * spec.n_dense * spec.count * per_element + spec.n_batch * spec.block
 
 
-def _layout(spec):
+@functools.lru_cache(maxsize=1024)
+def _layout_arrays(spec):
+    """Dense offsets, learned sizes and strides of ``spec`` (depend on shapes only: cached)."""
     sizes = np.asarray(spec.learned_sizes, dtype=np.int64)
     strides = np.asarray(spec.learned_strides, dtype=np.int64)
+    return np.array(spec.dense_offsets, dtype=np.int64), sizes, strides
+
+
+def _layout(spec):
     parallel = numba.get_num_threads() > 1 and spec.n_batch > 1 and _work(spec) >= PARALLEL_MIN_WORK
     n_chunks = min(spec.n_batch, 4 * numba.get_num_threads()) if parallel else 1
-    return parallel, (np.array(spec.dense_offsets, dtype=np.int64), sizes, strides, n_chunks)
+    return parallel, (*_layout_arrays(spec), n_chunks)
 
 
 def construct(spec, weight, positions, sigma, out=None):

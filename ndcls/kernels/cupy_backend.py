@@ -12,9 +12,14 @@ Compiled kernels are memoised per (device, specialisation); CuPy also caches bin
   to global memory once, coalesced;
 * backward: a gather, one group of lanes per element, no atomics, deterministic.
 
-Arithmetic is in float32 for float16 and float32 inputs, in float64 for float64 inputs.
-NumPy inputs are copied to the current CuPy device and the results copied back; CuPy inputs
-are used in place and the results are CuPy arrays. Work runs on CuPy's current stream.
+Arithmetic is in float32 for float16, bfloat16 and float32 inputs, in float64 for float64
+inputs (bfloat16 arrives as int16 bits, ``spec.storage == "bfloat16"``). NumPy inputs are
+copied to the current CuPy device and the results copied back; CuPy inputs are used in place
+and the results are CuPy arrays, allocated by CuPy's current allocator (torch's, while a torch
+call is served). Work runs on CuPy's current stream. A call on CuPy inputs copies nothing
+host-to-device and never synchronises: the layout is a struct passed by value, so launches can
+be captured in a CUDA graph (the first call of a specialisation compiles it: warm up before
+capturing).
 CuPy itself is imported at the first call, so this module imports (and its kernels compile
 with NVRTC, see :func:`specialisations`) without CuPy or a GPU.
 """
@@ -37,7 +42,7 @@ from ndcls.kernels._element import INTERPOLATION_CODES
 #: NVRTC options, shared by the backend and the compile-only test.
 COMPILE_OPTIONS = ("--std=c++17",)
 #: Storage dtype -> C++ type in the kernels (float16 is a struct of IEEE half bits).
-CTYPES = {"float16": "ndcls::f16", "float32": "float", "float64": "double"}
+CTYPES = {"float16": "ndcls::f16", "bfloat16": "ndcls::bf16", "float32": "float", "float64": "double"}
 #: Index types: 32-bit unless a flat index can come near 2**31 (see :func:`index_is_64bit`).
 INDEX_TYPES = {False: "int", True: "long long"}
 
@@ -89,7 +94,7 @@ def index_is_64bit(spec) -> bool:
 
 def specialisation(spec) -> Specialisation:
     """The specialisation the dispatcher requests for ``spec``."""
-    return Specialisation(np.dtype(spec.dtype).name, spec.n_learned, spec.interpolation, index_is_64bit(spec))
+    return Specialisation(spec.dtype_name, spec.n_learned, spec.interpolation, index_is_64bit(spec))
 
 
 def specialisations() -> tuple[Specialisation, ...]:
@@ -139,10 +144,25 @@ class Launch:
     span: int = 0  # forward: cells of K built per block
 
 
-def host_layout(spec, int64: bool) -> np.ndarray:
-    """``[learned sizes (M), learned strides (M), dense offsets (D)]`` in the index type (the kernels' ``layout``)."""
-    parts = (spec.learned_sizes, spec.learned_strides, spec.dense_offsets)
-    return np.concatenate([np.asarray(x, dtype=np.int64) for x in parts]).astype(np.int64 if int64 else np.int32)
+def layout_dtype(int64: bool) -> np.dtype:
+    """NumPy twin of the kernels' ``Layout<I>`` struct (no padding: every field is of type I)."""
+    it = np.int64 if int64 else np.int32
+    fields = [(name, it, (MAX_DIMS,)) for name in ("sizes", "strides", "dense_sizes", "dense_strides")]
+    return np.dtype([*fields, ("n_dense_axes", it)], align=True)
+
+
+@functools.lru_cache(maxsize=1024)
+def layout_value(sizes, learned_dims, int64: bool) -> np.void:
+    """The ``Layout<I>`` kernel argument for kernels of ``sizes`` moved along ``learned_dims``."""
+    spec = KernelSpec(sizes, learned_dims, "bilinear", (), 1, np.dtype(np.float32))
+    value = np.zeros((), dtype=layout_dtype(int64))
+    m, dense = spec.n_learned, spec.dense_dims
+    value["sizes"][:m] = spec.learned_sizes
+    value["strides"][:m] = spec.learned_strides
+    value["dense_sizes"][: len(dense)] = spec.dense_sizes
+    value["dense_strides"][: len(dense)] = [spec.axis_strides[a] for a in dense]
+    value["n_dense_axes"] = len(dense)
+    return value[()]
 
 
 def _acc_bytes(spec) -> int:
@@ -150,6 +170,9 @@ def _acc_bytes(spec) -> int:
 
 
 def _profile_length(spec) -> int:
+    """Scratch values per profile: the cells an element's rows can touch (bilinear: 2 per row)."""
+    if spec.interpolation == "bilinear":
+        return sum(min(2, s) for s in spec.learned_sizes)
     return sum(spec.learned_sizes)
 
 
@@ -161,12 +184,16 @@ def _group_width(spec) -> int:
 
 def _groups(spec, limits: DeviceLimits, per_group: int, threads: int) -> tuple[int, int]:
     """(threads, group): ``threads`` in groups of :func:`_group_width`, or, when their scratch
-    would take more than half the default shared memory, fewer whole-warp groups."""
+    would take more than half the default shared memory, fewer groups of the same width (whole
+    warps where possible: a warp of narrow groups costs the scratch of all of them)."""
     group = _group_width(spec)
     if (threads // group) * per_group <= limits.shared_default // 2:
         return threads, group
-    warps = max(1, min(threads // 32, (limits.shared_default // 2) // per_group))
-    return 32 * warps, 32
+    n_groups = max(1, (limits.shared_default // 2) // per_group)
+    per_warp = 32 // group
+    if n_groups >= per_warp:
+        n_groups -= n_groups % per_warp
+    return group * n_groups, group
 
 
 def _too_long(spec, limits: DeviceLimits, need: int):
@@ -257,15 +284,12 @@ def _kernels(device_id: int, key: Specialisation):
     return found
 
 
-@functools.lru_cache(maxsize=256)
-def _layout(device_id: int, sizes, learned_dims, int64: bool):
-    """Device array ``[learned sizes (M), learned strides (M), dense offsets (D)]`` of the index type."""
-    spec = KernelSpec(sizes, learned_dims, "bilinear", (), 1, np.dtype(np.float32))
-    cupy = _cupy()
-    layout = cupy.asarray(host_layout(spec, int64))
-    # cached for later calls on any stream: make sure the copy has landed
-    cupy.cuda.get_current_stream().synchronize()
-    return layout
+@functools.lru_cache(maxsize=1024)
+def _plan(spec, device_id: int, direction: str):
+    """``(Specialisation, Launch, layout value)`` of one call: what depends only on shapes and dtypes."""
+    key = specialisation(spec)
+    plan = forward_launch if direction == "forward" else backward_launch
+    return key, plan(spec, _limits(device_id)), layout_value(spec.sizes, spec.learned_dims, key.int64)
 
 
 def _device_and_arrays(*arrays):
@@ -299,12 +323,9 @@ def construct(spec, weight, positions, sigma, out=None):
     device_id, (w, p, s) = _device_and_arrays(weight, positions, sigma)
     cupy = _cupy()
     kernel = out if (out is not None and not host) else cupy.empty((spec.n_batch, spec.block), dtype=spec.dtype)
-    key = specialisation(spec)
-    limits = _limits(device_id)
-    launch = forward_launch(spec, limits)
+    key, launch, layout = _plan(spec, device_id, "forward")
     forward, _ = _kernels(device_id, key)
     it = np.int64 if key.int64 else np.int32
-    layout = _layout(device_id, spec.sizes, spec.learned_dims, key.int64)
     args = (w, p, p if s is None else s, kernel, layout, *_scalars(spec, key.int64), it(launch.span))
     args += (np.int32(_profile_length(spec)), np.int32(launch.group))
     forward((launch.grid,), (launch.threads,), args, shared_mem=launch.shared)
@@ -325,10 +346,8 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
     grad_p = cupy.empty(p.shape, dtype=spec.dtype)
     grad_s = cupy.empty(p.shape, dtype=spec.dtype) if spec.normalised else None
     if w.size:
-        key = specialisation(spec)
-        launch = backward_launch(spec, _limits(device_id))
+        key, launch, layout = _plan(spec, device_id, "backward")
         _, backward = _kernels(device_id, key)
-        layout = _layout(device_id, spec.sizes, spec.learned_dims, key.int64)
         args = (g, w, p, p if s is None else s, grad_w, grad_p, grad_p if grad_s is None else grad_s, layout)
         args += (*_scalars(spec, key.int64), np.int32(_profile_length(spec)), np.int32(launch.group))
         backward((launch.grid,), (launch.threads,), args, shared_mem=launch.shared)

@@ -43,7 +43,6 @@ CuPy's current stream.
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 
 import numpy as np
@@ -63,8 +62,9 @@ _INVALID, _EMPTY, _OK = 0, 1, 2
 
 #: Dynamic shared memory one block may use (the limit without an opt-in on every GPU since sm_50).
 SHARED_BYTES = 48 * 1024
-#: Threads per block; the simulator runs every thread as a Python thread, so it gets fewer.
-THREADS = 8 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" else 128
+#: Most threads per block. The simulator runs the same plans as a GPU (each simulated thread is
+#: a Python thread; blocks are sized by the work, so small test cases stay cheap there).
+THREADS = 128
 _MAX_GRID = 1 << 20
 _LAYOUT_LEN = 4 * MAX_DIMS
 _SUMS_LEN = 3 * MAX_DIMS  # local arrays need a module-level constant size
@@ -415,33 +415,49 @@ def _layout(spec):
     return pad(spec.learned_sizes) + pad(spec.learned_strides) + pad(spec.dense_sizes) + pad(dense_strides)
 
 
-def plan(spec, direction: str):
-    """``(threads, shared_tile, dynamic shared bytes)`` for one launch.
+def plan(spec, direction: str, *, shared_bytes: int | None = None, max_threads: int | None = None):
+    """``(threads, shared_tile, dynamic shared bytes)`` for one launch: a pure function of the
+    spec and the limits (default: :data:`SHARED_BYTES` of dynamic shared memory, :data:`THREADS`),
+    the same on a GPU and under the simulator.
 
     Each thread needs a profile slot (``sum(learned_sizes)`` float64, +1 for gauss forward,
-    x3 for the backward); the batch tile (``prod(sizes)`` float64) goes into shared memory if at
-    least ``min(32, THREADS)`` slots still fit beside it, else it stays in global memory.
+    x3 for the backward). A block gets no more threads than it has work for, in whole warps:
+    the elements of one batch index (the gauss forward also splits the tile's cells between
+    its threads). The batch tile (``prod(sizes)`` float64) goes into shared memory if the
+    threads the work wants (at least one warp) still fit beside it; otherwise the tile stays in
+    global memory and the block takes as many threads as the slots allow.
     """
+    shared_bytes = SHARED_BYTES if shared_bytes is None else shared_bytes
+    max_threads = THREADS if max_threads is None else max_threads
     row_len = sum(spec.learned_sizes)
     if direction == "forward":
         slot = row_len + (1 if spec.interpolation == "gauss" else 0)
+        work = spec.n_dense * spec.count
+        if spec.interpolation == "gauss":
+            work = max(min(spec.count, max_threads), spec.block)
     else:
         slot = 3 * row_len
-    words = SHARED_BYTES // 8
-    least = min(32, THREADS)
+        work = spec.n_dense * spec.count
+    words = shared_bytes // 8
+    wanted = min(max_threads, max(32, -(-work // 32) * 32))
 
     def threads_for(free):
-        t = min(THREADS, free // slot)
+        t = min(wanted, free // slot)
         return t - t % 32 if t >= 32 else t
 
     threads = threads_for(words - spec.block) if spec.block < words else 0
-    if threads >= least:
+    if direction == "forward":  # the forward accumulates in its tile: shared if a warp fits beside it
+        if threads >= 32:
+            return threads, True, 8 * (spec.block + threads * slot)
+    elif threads >= 1 and threads >= threads_for(words):
+        # the backward only reads its tile (L1/L2-cached from global memory): shared if that
+        # costs no threads
         return threads, True, 8 * (spec.block + threads * slot)
     threads = threads_for(words)
     if threads < 1:
         raise ValueError(
             f"backend 'numba-cuda': one element's profiles (sum of learned sizes {row_len} x {slot // row_len} "
-            f"float64) exceed {SHARED_BYTES} bytes of shared memory for sizes={spec.sizes}; "
+            f"float64) exceed {shared_bytes} bytes of shared memory for sizes={spec.sizes}; "
             "use backend='cupy' or 'numba'"
         )
     return threads, False, 8 * threads * slot

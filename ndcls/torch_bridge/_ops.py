@@ -3,9 +3,10 @@
 ``ndcls::construct`` builds K; ``ndcls::construct_backward`` returns the three gradients. Both
 have fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through them
 without graph breaks, and the autograd formula of the first calls the second, so the backward
-graph is traceable too. The kernels themselves are the array API's: tensors go through DLPack
-without copies (CPU tensors to the Numba backend, CUDA tensors to CuPy on torch's current
-stream).
+graph is traceable too. Eager calls skip the custom-op dispatch (tens of microseconds per call)
+through an equivalent ``autograd.Function``; ``torch.compile`` sees the custom ops. The kernels
+themselves are the array API's: tensors go through DLPack without copies (CPU tensors to the
+Numba backend, CUDA tensors to CuPy on torch's current stream, results allocated by torch).
 """
 
 from __future__ import annotations
@@ -94,6 +95,31 @@ def _backward(ctx, grad_kernel):
 _construct_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerConstruct(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls: a custom op's dispatch
+    costs tens of microseconds of host time per call, which for a small kernel is most of the
+    work. ``torch.compile`` traces the custom ops instead (see :func:`construct`)."""
+
+    @staticmethod
+    def forward(ctx, weight, positions, sigma, sizes, interpolation, learned_dims):
+        ctx.save_for_backward(weight, positions, sigma)
+        ctx.sizes, ctx.interpolation, ctx.learned_dims = sizes, interpolation, learned_dims
+        return ndcls.construct(weight, positions, sizes, sigma=sigma, interpolation=interpolation, learned_dims=learned_dims)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kernel):
+        need_w, need_p, need_s = ctx.needs_input_grad[:3]
+        if not (need_w or need_p or need_s):
+            return None, None, None, None, None, None
+        weight, positions, sigma = ctx.saved_tensors
+        gw, gp, gs = ndcls.construct_grad(
+            grad_kernel, weight, positions, ctx.sizes, sigma=sigma, interpolation=ctx.interpolation,
+            learned_dims=ctx.learned_dims,
+        )
+        return (gw if need_w else None, gp if need_p else None, gs if need_s else None, None, None, None)
+
+
 def construct(
     weight: Tensor,
     positions: Tensor,
@@ -132,4 +158,10 @@ def construct(
     """
     sizes = list(normalise_sizes(sizes, positions_shape=positions.shape))
     learned = list(normalise_learned_dims(learned_dims, len(sizes)))
-    return _construct_op(weight, positions, sizes, sigma, interpolation, learned)
+    if torch.compiler.is_compiling():  # traced: the custom op, with its fake implementation
+        return _construct_op(weight, positions, sizes, sigma, interpolation, learned)
+    if torch.is_grad_enabled() and (
+        weight.requires_grad or positions.requires_grad or (sigma is not None and sigma.requires_grad)
+    ):
+        return _EagerConstruct.apply(weight, positions, sigma, sizes, interpolation, learned)
+    return ndcls.construct(weight, positions, sizes, sigma=sigma, interpolation=interpolation, learned_dims=learned)

@@ -1,6 +1,6 @@
 // Host emulation of the few CUDA features ndcls/kernels/cuda/dcls.cu uses, so that its kernels
 // run on the CPU (one std::thread per CUDA thread, blocks one after another) in tests without a
-// GPU. float32/float64 only: the float16 path converts with PTX, which has no host meaning.
+// GPU. float32/float64 and bfloat16 (integer conversions); the float16 path converts with PTX.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -94,3 +94,17 @@ inline float __int_as_float(int bits) {
     std::memcpy(&f, &bits, sizeof f);
     return f;
 }
+
+// ---- bfloat16 support (ndcls::bf16 in dcls_element.cuh): bit casts of float ----------------
+inline unsigned __float_as_uint(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+// ---- end bfloat16 support --------------------------------------------------------------------

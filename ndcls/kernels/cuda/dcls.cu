@@ -7,9 +7,10 @@
 //
 // Arrays are the canonical C-contiguous forms of ndcls._registry:
 //   weight (B, D, C); positions, sigma (M, B, D, C); kernel and grad_kernel (B, block).
-// `layout` holds, as I: the M learned sizes, the M learned strides (element strides inside a
-// block of prod(sizes) cells) and the D dense offsets (KernelSpec.learned_sizes,
-// .learned_strides, .dense_offsets).
+// `layout` (a Layout<I>, passed by value: no device table, no host-to-device copy, so a launch
+// can be captured in a CUDA graph) holds the M learned sizes and strides (element strides inside
+// a block of prod(sizes) cells) and the sizes and strides of the N - M dense axes, from which
+// each element's dense offset is computed.
 //
 // Threads work in groups of `group` lanes (a power of two <= 32, inside one warp): a group
 // takes one element (b, d, c) at a time, writes its 1-D profiles over the support into a
@@ -18,6 +19,36 @@
 #include "dcls_element.cuh"
 
 namespace ndcls {
+
+// Largest N (ndcls._spec.MAX_DIMS).
+#define NDCLS_MAX_DIMS 8
+
+// Kernel layout, by value. Entries past M (learned) or n_dense_axes (dense) are unused.
+template <typename I>
+struct Layout {
+    I sizes[NDCLS_MAX_DIMS];          // learned sizes, row j of positions
+    I strides[NDCLS_MAX_DIMS];        // learned strides
+    I dense_sizes[NDCLS_MAX_DIMS];    // dense axes, in kernel axis order
+    I dense_strides[NDCLS_MAX_DIMS];
+    I n_dense_axes;
+};
+
+// Offset inside a batch block of the cell at dense index d (C order over the dense axes),
+// learned coordinates 0. Unrolled over NDCLS_MAX_DIMS so that the struct is indexed statically.
+template <typename I>
+__device__ __forceinline__ I dense_offset(const Layout<I>& layout, I d) {
+    I offset = 0;
+#pragma unroll
+    for (int kk = 0; kk < NDCLS_MAX_DIMS; ++kk) {
+        const int k = NDCLS_MAX_DIMS - 1 - kk;
+        if (k < layout.n_dense_axes) {
+            const I size = layout.dense_sizes[k];
+            offset += (d % size) * layout.dense_strides[k];
+            d /= size;
+        }
+    }
+    return offset;
+}
 
 struct Group {
     int lane;       // lane inside the group
@@ -123,7 +154,7 @@ __device__ __forceinline__ void unravel(I q, const int* width, int* k) {
 // Shared memory: span accumulators, then one profile scratch of plen values per group.
 template <typename T, int M, int KIND, typename I>
 __global__ void construct_kernel(const T* __restrict__ weight, const T* __restrict__ positions,
-                                 const T* __restrict__ sigma, T* __restrict__ kernel, const I* __restrict__ layout,
+                                 const T* __restrict__ sigma, T* __restrict__ kernel, const Layout<I> layout,
                                  I n_batch, I n_dense, I count, I block, I span, int plen, int group) {
     typedef typename Scalar<T>::acc A;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -131,9 +162,8 @@ __global__ void construct_kernel(const T* __restrict__ weight, const T* __restri
     const Group g = make_group(group);
     A* a = tile + span + (I)g.id * plen;
 
-    const I* sizes = layout;
-    const I* strides = layout + M;
-    const I* dense_offsets = layout + 2 * M;
+    const I* sizes = layout.sizes;
+    const I* strides = layout.strides;
     const I per_batch = n_dense * count;
     const I n_elements = n_batch * per_batch;
     const I total = n_batch * block;
@@ -151,7 +181,7 @@ __global__ void construct_kernel(const T* __restrict__ weight, const T* __restri
             if (load_element<KIND>(positions, sigma, e, n_elements, sizes, el) != OK) continue;
             const I b = e / per_batch;
             const I d = (e - b * per_batch) / count;
-            const I base = b * block + dense_offsets[d] - r0;  // cell (lo...) is base + sum lo*stride
+            const I base = b * block + dense_offset(layout, d) - r0;  // cell (lo...) is base + sum lo*stride
             I first = base, last = base;
 #pragma unroll
             for (int j = 0; j < M; ++j) {
@@ -202,7 +232,7 @@ template <typename T, int M, int KIND, typename I>
 __global__ void construct_grad_kernel(const T* __restrict__ grad_kernel, const T* __restrict__ weight,
                                       const T* __restrict__ positions, const T* __restrict__ sigma,
                                       T* __restrict__ grad_weight, T* __restrict__ grad_positions,
-                                      T* __restrict__ grad_sigma, const I* __restrict__ layout, I n_batch, I n_dense,
+                                      T* __restrict__ grad_sigma, const Layout<I> layout, I n_batch, I n_dense,
                                       I count, I block, int plen, int group) {
     typedef typename Scalar<T>::acc A;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -211,9 +241,8 @@ __global__ void construct_grad_kernel(const T* __restrict__ grad_kernel, const T
     A* da_dp = a + plen;
     A* da_ds = a + 2 * plen;
 
-    const I* sizes = layout;
-    const I* strides = layout + M;
-    const I* dense_offsets = layout + 2 * M;
+    const I* sizes = layout.sizes;
+    const I* strides = layout.strides;
     const I per_batch = n_dense * count;
     const I n_elements = n_batch * per_batch;
 
@@ -247,7 +276,7 @@ __global__ void construct_grad_kernel(const T* __restrict__ grad_kernel, const T
 
         const I b = e / per_batch;
         const I d = (e - b * per_batch) / count;
-        const I base = b * block + dense_offsets[d];
+        const I base = b * block + dense_offset(layout, d);
         I cells = 1;
 #pragma unroll
         for (int j = 0; j < M; ++j) cells *= el.width[j];

@@ -39,6 +39,31 @@ struct Scalar<double> {
     static __device__ __forceinline__ double store(double x) { return x; }
 };
 
+// ---- bfloat16 (storage only; arithmetic in float32) --------------------------------------
+// The upper 16 bits of an IEEE binary32 (torch.bfloat16's layout; the array API hands its
+// bits over as int16). Plain integer code, so the host emulation runs it as the GPU does.
+struct bf16 {
+    unsigned short bits;
+};
+
+template <>
+struct Scalar<bf16> {
+    typedef float acc;
+    static __device__ __forceinline__ float load(bf16 x) { return __uint_as_float((unsigned)x.bits << 16); }
+    // round to nearest, ties to even; NaN stays a (quiet) NaN of the same sign
+    static __device__ __forceinline__ bf16 store(float x) {
+        const unsigned u = __float_as_uint(x);
+        bf16 h;
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            h.bits = (unsigned short)((u >> 16) | 0x40u);
+        } else {
+            h.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+        return h;
+    }
+};
+// ---- end bfloat16 ---------------------------------------------------------------------------
+
 #ifdef __CUDACC__  // PTX conversions: absent from the host emulation in tests/cuda_emulation
 template <>
 struct Scalar<f16> {
