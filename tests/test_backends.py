@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ndcls
-from _cases import cases, draw_positions, learned_row_sizes, poison
+from _cases import ADVERSARIAL, adversarial_cases, cases, check_against_reference, draw_positions, learned_row_sizes, poison
 from _harness import backend_params, for_cases
 from _tolerances import assert_close
 from ndcls._api import _prepare
@@ -249,3 +249,15 @@ def test_edge_cases_match_reference(backend, interpolation, edge):
     for a, b in zip(ndcls.construct_grad(g, w, p, sizes, backend=backend, **kw), ndcls.construct_grad(g, w, p, sizes, backend="numpy", **kw)):
         if b is not None:
             assert_close(a, b, what="grad")
+
+
+# -- standing adversarial cases of the normalised kinds (tests/_cases.py) --------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", ADVERSARIAL)
+@pytest.mark.parametrize("backend", FAST)
+def test_adversarial_cases_match_reference(backend, name, dtype):
+    """Elements mostly outside the kernel, tiny, subnormal and huge widths: no NaN or inf that the
+    float64 reference does not have, and float32 within the float32 tolerance."""
+    check_against_reference(adversarial_cases(dtype)[name], backend)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 
 import _cuda_emulator as emu
 import ndcls
-from _cases import cases, draw_positions, learned_row_sizes, poison
+from _cases import ADVERSARIAL, adversarial_cases, cases, check_against_reference, draw_positions, learned_row_sizes, poison
 from _tolerances import assert_close
 from conftest import HAS_GPU
 from ndcls._api import _prepare
@@ -92,6 +92,15 @@ def test_emulated_kernels_with_64bit_indices(emulated, monkeypatch):
         _compare(case, emulated)
 
     prop()
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_emulated_kernels_on_adversarial_cases(emulated, name, dtype):
+    """The standing adversarial cases of tests/_cases.py; float32 kernels compute in float32 here."""
+    check_against_reference(adversarial_cases(dtype)[name], emulated)
 
 
 # Launch shapes that the emulated device (emu.LIMITS) puts on distinct code paths.

@@ -148,10 +148,36 @@ def derivative_scale(kind, s):
     return 1.0
 
 
-def normalise_profile(lo, hi, a, da_dp, da_ds, total, total_dp, total_ds, with_grad):
+def normalise_profile(kind, p, s, lo, hi, a, da_dp, da_ds, total, total_dp, total_ds, with_grad):
     """In place on ``[lo, hi)``: ``a`` becomes ``n = a / total`` (``total = sum a > 0``) and, if
     ``with_grad``, each derivative row ``da`` becomes ``da - n * sum(da)`` (``total`` times the
-    derivative of ``n``; exactly 0 on a one-cell support)."""
+    derivative of ``n``; exactly 0 on a one-cell support).
+
+    Gauss rows are centred in the form that does not cancel when one cell ``m`` (the nearest to
+    ``p``) holds nearly all the mass: with ``da = a * l`` (``l = u`` or ``u**2``, times ``s``),
+    ``da - n * sum(da) = a * ((l - l_m) - sum_k n_k (l_k - l_m))`` and ``l_k - l_m`` is
+    ``(k - m) / s`` or ``(k - m) / s * (u_k + u_m)``, both computed without cancellation.
+    """
+    if kind == GAUSS and with_grad:
+        m = float(math.floor(min(max(p + 0.5, float(lo)), hi - 1.0)))
+        u_m = (m - p) / s
+        corr_p = 0.0
+        corr_s = 0.0
+        for i in range(lo, hi):
+            if a[i] > 0.0:  # a = 0 (underflow) also guards against (i - m) / s = inf
+                dl = (float(i) - m) / s
+                corr_p += a[i] * dl
+                corr_s += a[i] * (dl * ((float(i) - p) / s + u_m))
+        corr_p /= total
+        corr_s /= total
+        for i in range(lo, hi):
+            value = a[i]
+            if value > 0.0:
+                dl = (float(i) - m) / s
+                da_dp[i] = value * (dl - corr_p)
+                da_ds[i] = value * (dl * ((float(i) - p) / s + u_m) - corr_s)
+            a[i] = value / total
+        return
     for i in range(lo, hi):
         n = a[i] / total
         a[i] = n

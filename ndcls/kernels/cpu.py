@@ -58,7 +58,7 @@ def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_d
         if normalised:
             if not sums[0, j] > 0.0:
                 return _EMPTY, 1.0
-            _normalise(lo[j], hi[j], a[j], da_dp[j], da_ds[j], sums[0, j], sums[1, j], sums[2, j], with_grad)
+            _normalise(kind, p, s, lo[j], hi[j], a[j], da_dp[j], da_ds[j], sums[0, j], sums[1, j], sums[2, j], with_grad)
         z *= sums[0, j]
     return _OK, z
 

@@ -134,7 +134,7 @@ def _profiles(kind, positions, sigma, b, d, c, sizes, roff, a, da_dp, da_ds, wit
         if kind != BILINEAR:
             if not t0 > 0.0:
                 return _EMPTY, 1.0
-            _normalise(first, last, a[r0:r1], da_dp[r0:r1], da_ds[r0:r1], t0, t1, t2, with_grad)
+            _normalise(kind, p, s, first, last, a[r0:r1], da_dp[r0:r1], da_ds[r0:r1], t0, t1, t2, with_grad)
         z *= t0
     return _OK, z
 

@@ -83,11 +83,10 @@ def _from_kernel_layout(spec, k):
     return k.reshape(spec.n_batch, spec.n_dense, *spec.learned_sizes)
 
 
-def _terms(spec, w, p, s):
+def _terms(spec, p, s):
+    """The profiles of every row, and the cell axes of ``(B, D, C, *learned_sizes)`` products."""
     profiles = [_profiles(spec.interpolation, p[j], None if s is None else s[j], n) for j, n in enumerate(spec.learned_sizes)]
-    product = _outer([a for a, _, _ in profiles])  # (B, D, C, *learned_sizes)
-    cells = tuple(range(3, product.ndim))
-    return profiles, product, cells
+    return profiles, tuple(range(3, 3 + spec.n_learned))
 
 
 def _normalised(profiles):
@@ -110,12 +109,29 @@ def _normalised(profiles):
     return sums, rows, log_sums, log_z, empty
 
 
+def _centred_gauss(a, n, p, s):
+    """Gauss rows: ``da - n * sum(da)`` for ``da = s * (da/dp, da/ds) = (a * u, a * u**2)``,
+    written pairwise as ``a_k * sum_i n_i (l_k - l_i)`` with ``u_k - u_i = (k - i) / s`` and
+    ``u_k**2 - u_i**2 = (k - i) / s * (u_k + u_i)``: no cancellation when one cell holds nearly
+    all the mass (an element far outside the kernel)."""
+    i = np.arange(a.shape[-1], dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # tiny widths: u and steps overflow where a = 0
+        u = (i - p[..., None]) / s[..., None]
+        step = (i[:, None] - i[None, :]) / s[..., None, None]  # (..., k, i): (k - i) / s
+        both = (a[..., :, None] > 0) & (n[..., None, :] > 0)
+        dp = np.where(both, n[..., None, :] * step, 0.0).sum(axis=-1)
+        ds = np.where(both, n[..., None, :] * step * (u[..., :, None] + u[..., None, :]), 0.0).sum(axis=-1)
+    return a * dp, a * ds
+
+
 def construct(spec, weight, positions, sigma, out=None):
     """``K = sum over elements of w * prod_j a_j / Z``, as ``w * (S / Z) * prod_j n_j``."""
     w, p, s, _ = _setup(spec, weight, positions, sigma)
-    profiles, product, _ = _terms(spec, w, p, s)
+    profiles, _ = _terms(spec, p, s)
     scale = w
-    if spec.normalised:
+    if not spec.normalised:
+        product = _outer([a for a, _, _ in profiles])  # (B, D, C, *learned_sizes)
+    else:
         sums, rows, log_sums, log_z, empty = _normalised(profiles)
         product = _outer(rows)
         scale = np.where(empty, 0.0, w * np.exp(sum(log_sums) - log_z))
@@ -137,7 +153,7 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
     with ``O_j = prod_{k != j} S_k``.
     """
     w, p, s, valid = _setup(spec, weight, positions, sigma)
-    profiles, product, cells = _terms(spec, w, p, s)
+    profiles, cells = _terms(spec, p, s)
     g = _from_kernel_layout(spec, grad_kernel.astype(np.float64))[:, :, None]  # (B, D, 1, *learned)
     nan = np.float64(np.nan)
 
@@ -145,7 +161,7 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
         return None if x is None else np.where(valid, x, nan).astype(spec.dtype)
 
     if not spec.normalised:
-        grad_w = (g * product).sum(axis=cells)
+        grad_w = (g * _outer([a for a, _, _ in profiles])).sum(axis=cells)
         grad_p = np.stack([w * (g * _outer([d if k == j else a for k, (a, d, _) in enumerate(profiles)])).sum(axis=cells)
                            for j in range(spec.n_learned)])  # fmt: skip
         return finish(grad_w), finish(grad_p), None
@@ -160,7 +176,10 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
         for j in range(spec.n_learned):
             d = profiles[j][which]
             d_sum = d.sum(axis=-1)
-            centred = d - rows[j] * d_sum[..., None]
+            if spec.interpolation == "gauss":
+                centred = _centred_gauss(profiles[j][0], rows[j], p[j], s[j])[which - 1]
+            else:
+                centred = d - rows[j] * d_sum[..., None]
             u = (g * _outer([centred if k == j else n for k, n in enumerate(rows)])).sum(axis=cells)
             c = w * np.exp(sum(log_sums) - log_sums[j] - log_z)  # w * O_j / Z
             with np.errstate(over="ignore"):  # a subnormal gauss width: the true value overflows

@@ -98,23 +98,57 @@ __device__ __forceinline__ void fill_profiles(const Element<A, M>& el, const Gro
 }
 
 // _element.normalise_profile for every row, the lanes sharing the cells as in fill_profiles:
-// a becomes n = a / sum_a, the derivative rows da - n * sum(da). The caller synchronises the
-// group before (the sums read every cell) and after.
-template <bool WITH_GRAD, typename A, int M>
+// a becomes n = a / sum_a, the derivative rows da - n * sum(da) (gauss: in the pivoted form,
+// from gauss_pivots). The caller synchronises the group before (the sums read every cell) and after.
+template <int KIND, bool WITH_GRAD, typename A, int M>
 __device__ __forceinline__ void normalise_profiles(const Element<A, M>& el, const Group& g, int group, A* a, A* da_dp,
-                                                   A* da_ds, const A* sum_a, const A* sum_dp, const A* sum_ds) {
+                                                   A* da_ds, const A* sum_a, const A* sum_dp, const A* sum_ds,
+                                                   const A* pivot, const A* corr_p, const A* corr_s) {
     for (int t = g.lane; t < el.length; t += group) {
         int j = 0;
 #pragma unroll
         for (int k = 1; k < M; ++k) {
             if (t >= el.off[k]) j = k;
         }
-        const A n = a[t] / sum_a[j];
-        a[t] = n;
-        if (WITH_GRAD) {
-            da_dp[t] -= n * sum_dp[j];
-            da_ds[t] -= n * sum_ds[j];
+        const A value = a[t];
+        if (WITH_GRAD && KIND == GAUSS) {
+            if (value > A(0)) {  // a = 0 (underflow) also guards against (x - m) / s = inf
+                const A x = A(el.lo[j] + (t - el.off[j]));
+                const A dl = (x - pivot[j]) / el.s[j];
+                da_dp[t] = value * (dl - corr_p[j]);
+                da_ds[t] = value * (dl * ((x - el.p[j]) / el.s[j] + (pivot[j] - el.p[j]) / el.s[j]) - corr_s[j]);
+            }
+        } else if (WITH_GRAD) {
+            da_dp[t] -= value / sum_a[j] * sum_dp[j];
+            da_ds[t] -= value / sum_a[j] * sum_ds[j];
         }
+        a[t] = value / sum_a[j];
+    }
+}
+
+// Gauss rows (_element.normalise_profile): the pivot m (the cell nearest p, holding the most
+// mass) and sum_k n_k (l_k - l_m) for l = u and u**2 (s * the scores). Reads the unnormalised
+// profile; every lane computes them.
+template <typename A, int M>
+__device__ __forceinline__ void gauss_pivots(const Element<A, M>& el, const A* a, const A* sum_a, A* pivot, A* corr_p,
+                                             A* corr_s) {
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+        const A m = floor(fmin(fmax(el.p[j] + A(0.5), A(el.lo[j])), A(el.lo[j] + el.width[j] - 1)));
+        const A u_m = (m - el.p[j]) / el.s[j];
+        A cp = A(0), cs = A(0);
+        for (int k = 0; k < el.width[j]; ++k) {
+            const A value = a[el.off[j] + k];
+            if (value > A(0)) {
+                const A x = A(el.lo[j] + k);
+                const A dl = (x - m) / el.s[j];
+                cp += value * dl;
+                cs += value * (dl * ((x - el.p[j]) / el.s[j] + u_m));
+            }
+        }
+        pivot[j] = m;
+        corr_p[j] = cp / sum_a[j];
+        corr_s[j] = cs / sum_a[j];
     }
 }
 
@@ -196,7 +230,7 @@ __global__ void construct_kernel(const T* __restrict__ weight, const T* __restri
 #pragma unroll
                 for (int j = 0; j < M; ++j) empty = empty || !(sums[j] > A(0));
                 if (empty) continue;  // no mass in the kernel (the whole group skips)
-                normalise_profiles<false>(el, g, group, a, a, a, sums, sums, sums);
+                normalise_profiles<KIND, false>(el, g, group, a, a, a, sums, sums, sums, sums, sums, sums);
                 __syncwarp(g.mask);
                 A r, unused;
                 normaliser_ratios(total, r, unused);
@@ -278,8 +312,10 @@ __global__ void construct_grad_kernel(const T* __restrict__ grad_kernel, const T
             total *= sum_a[j];
             empty = empty || !(sum_a[j] > A(0));
         }
+        A pivot[M], corr_p[M], corr_s[M];
+        if (KIND == GAUSS && !empty) gauss_pivots(el, a, sum_a, pivot, corr_p, corr_s);
         if (KIND != BILINEAR) {  // normalised rows and centred derivative rows (cpu.py, _element.py)
-            __syncwarp(g.mask);
+            __syncwarp(g.mask);  // every lane has read the whole profile
             if (empty) {  // no mass in the kernel: zero gradients, as an empty support
                 if (g.lane == 0) {
                     grad_weight[e] = Scalar<T>::store(A(0));
@@ -291,7 +327,7 @@ __global__ void construct_grad_kernel(const T* __restrict__ grad_kernel, const T
                 }
                 continue;
             }
-            normalise_profiles<true>(el, g, group, a, da_dp, da_ds, sum_a, sum_dp, sum_ds);
+            normalise_profiles<KIND, true>(el, g, group, a, da_dp, da_ds, sum_a, sum_dp, sum_ds, pivot, corr_p, corr_s);
             __syncwarp(g.mask);
         }
 
