@@ -109,14 +109,17 @@ def cases(
     noncontiguous=True,
     allow_empty=True,
     max_cells=4096,
+    min_size=1,
+    min_count=1,
+    min_ndim=1,
 ):
-    """A random valid :class:`Case`."""
-    n = draw(st.integers(1, max_ndim))
-    sizes = tuple(draw(st.lists(st.integers(1, max_size), min_size=n, max_size=n)))
+    """A random valid :class:`Case` (``min_*``: for shapes that reach a given launch path)."""
+    n = draw(st.integers(min_ndim, max_ndim))
+    sizes = tuple(draw(st.lists(st.integers(min_size, max_size), min_size=n, max_size=n)))
     m = draw(st.integers(1, n))
     learned = tuple(draw(st.permutations(range(n)))[:m])
     batch = tuple(draw(st.lists(st.integers(0 if allow_empty else 1, max_batch), min_size=0, max_size=2)))
-    count = draw(st.integers(1, max_count))
+    count = draw(st.integers(min_count, max_count))
     interpolation = draw(st.sampled_from(interpolations))
     dtype = np.dtype(draw(st.sampled_from(dtypes)))
     seed = draw(st.integers(0, 2**31 - 1))

@@ -39,7 +39,7 @@ struct Scalar<double> {
     static __device__ __forceinline__ double store(double x) { return x; }
 };
 
-#ifdef __CUDACC__  // PTX conversions: absent from the host emulation in tests/cuda_emulation
+#if defined(__CUDACC__) || defined(NDCLS_HOST_EMULATION)  // the emulation translates the PTX (tests/_cuda_emulator.py)
 template <>
 struct Scalar<f16> {
     typedef float acc;  // half inputs accumulate in float32
