@@ -184,6 +184,7 @@ def _adversarial_specs(dtype):
     near = (0.3, 1e-2, 1e-4, 1e-6)  # how far an element reaches into the kernel
     s, tiny, sub = 0.75, _tiny_normal(dtype), _subnormal(dtype)
     fractions = (0.0, 0.2, 0.49, 0.5, 0.51, 0.7, 0.99)  # both sides of 0.5 (gauss recurrence start)
+    off = [3 - 2e-6, 3 - 5e-7, 2 + 1e-6]
     h = _huge(dtype)
     return {
         # elements almost entirely outside the kernel: S tiny, near or below eps
@@ -199,8 +200,9 @@ def _adversarial_specs(dtype):
             [[0.6, 0.6, 0.6, 2.5, 0.6], [0.6, 0.6, 1.0, 0.6, 0.6]],
         ),
         # widths far below a cell, positions with fractions on both sides of 0.5
-        "triangle-tiny-widths": ((6,), "triangle", [[2 + f for f in fractions] * 2], [[1e-6] * 7 + [tiny] * 7]),
-        "gauss-tiny-widths": ((6,), "gauss", [[2 + f for f in fractions] * 2], [[1e-6] * 7 + [tiny] * 7]),
+        # (and just below or above an integer: a few widths away, the profile is not all 0)
+        "triangle-tiny-widths": ((6,), "triangle", [[2 + f for f in fractions] * 2 + off], [[1e-6] * 7 + [tiny] * 7 + [1e-6] * 3]),
+        "gauss-tiny-widths": ((6,), "gauss", [[2 + f for f in fractions] * 2 + off], [[1e-6] * 7 + [tiny] * 7 + [1e-6] * 3]),
         "gauss-tiny-widths-2d": (
             (4, 3), "gauss",
             [[1.7, 2.0, 0.3, 3.0, 2.51], [1.0, 0.6, 2.0, 1.49, 2.0]],

@@ -56,7 +56,7 @@ def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_d
             return _EMPTY, 1.0
         sums[0, j], sums[1, j], sums[2, j] = _fill(kind, p, s, lo[j], hi[j], a[j], da_dp[j], da_ds[j], with_grad)
         if normalised:
-            if not sums[0, j] > 0.0:
+            if sums[0, j] == 0.0:  # (NaN goes on: a bug in the profile must show)
                 return _EMPTY, 1.0
             _normalise(kind, p, s, lo[j], hi[j], a[j], da_dp[j], da_ds[j], sums[0, j], sums[1, j], sums[2, j], with_grad)
         z *= sums[0, j]

@@ -132,7 +132,7 @@ def _profiles(kind, positions, sigma, b, d, c, sizes, roff, a, da_dp, da_ds, wit
         sums[3 * j + 1] = t1
         sums[3 * j + 2] = t2
         if kind != BILINEAR:
-            if not t0 > 0.0:
+            if t0 == 0.0:
                 return _EMPTY, 1.0
             _normalise(kind, p, s, first, last, a[r0:r1], da_dp[r0:r1], da_ds[r0:r1], t0, t1, t2, with_grad)
         z *= t0

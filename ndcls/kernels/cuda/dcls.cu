@@ -228,7 +228,7 @@ __global__ void construct_kernel(const T* __restrict__ weight, const T* __restri
                 __syncwarp(g.mask);
                 bool empty = false;
 #pragma unroll
-                for (int j = 0; j < M; ++j) empty = empty || !(sums[j] > A(0));
+                for (int j = 0; j < M; ++j) empty = empty || sums[j] == A(0);
                 if (empty) continue;  // no mass in the kernel (the whole group skips)
                 normalise_profiles<KIND, false>(el, g, group, a, a, a, sums, sums, sums, sums, sums, sums);
                 __syncwarp(g.mask);
@@ -310,7 +310,7 @@ __global__ void construct_grad_kernel(const T* __restrict__ grad_kernel, const T
             sum_dp[j] = row_sum(da_dp + el.off[j], el.width[j]);
             sum_ds[j] = row_sum(da_ds + el.off[j], el.width[j]);
             total *= sum_a[j];
-            empty = empty || !(sum_a[j] > A(0));
+            empty = empty || sum_a[j] == A(0);
         }
         A pivot[M], corr_p[M], corr_s[M];
         if (KIND == GAUSS && !empty) gauss_pivots(el, a, sum_a, pivot, corr_p, corr_s);
