@@ -165,7 +165,7 @@ def forward_path(spec):
 # Drawn shapes per forward path on the emulated device (4 KiB of shared memory, 8 KiB opting
 # in); the long axes of the last two also put the backward on whole-warp groups, whose
 # emulation is slow (a barrier of 32 OS threads per shuffle): few examples there.
-_BIG = dict(min_ndim=2, max_ndim=2, max_batch=1, max_count=2, dtypes=("float64",), max_examples=3)
+_BIG = dict(min_ndim=2, max_ndim=2, max_batch=1, max_count=2, dtypes=("float64",), max_examples=2)
 DRAWN_PATHS = {
     "tile of batch kernels": dict(max_ndim=2, max_size=4, max_batch=5, allow_empty=False),
     "one kernel": dict(max_ndim=3, max_size=6),
@@ -176,11 +176,12 @@ DRAWN_PATHS = {
 
 @needs_gxx
 @pytest.mark.cuda_compile
+@pytest.mark.parametrize("interpolation", ndcls.INTERPOLATIONS)
 @pytest.mark.parametrize("path", list(DRAWN_PATHS))
-def test_emulated_kernels_on_every_launch_path(emulated, path):
+def test_emulated_kernels_on_every_launch_path(emulated, path, interpolation):
     """The harness's random cases, drawn in shapes that reach each launch path of the kernels."""
-    shapes = dict(DRAWN_PATHS[path])
-    examples = shapes.pop("max_examples", 6)
+    shapes = dict(DRAWN_PATHS[path], interpolations=(interpolation,))
+    examples = shapes.pop("max_examples", 4)
 
     @settings(max_examples=examples)
     @given(cases(**{"position_mode": "around", "max_count": 3, "max_cells": 10**6, "noncontiguous": False, **shapes}))
