@@ -254,6 +254,7 @@ def test_edge_cases_match_reference(backend, interpolation, edge):
 # -- standing adversarial cases of the normalised kinds (tests/_cases.py) --------------------------
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's scalars: inf, as on a GPU
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", ADVERSARIAL)
 @pytest.mark.parametrize("backend", FAST)

@@ -335,7 +335,8 @@ def test_emulated_float16_stores_round_to_nearest_even(emulated):
     positions = np.ones((1, *weight.shape), dtype=np.float16)
     got = ndcls.construct(weight, positions, (3,), backend=emulated)
     exact = weight.astype(np.float64).sum(axis=-1)
-    expected = exact.astype(np.float16)  # correctly rounded, ties to even
+    with np.errstate(over="ignore"):
+        expected = exact.astype(np.float16)  # correctly rounded, ties to even (68000: inf)
     assert got.dtype == np.float16
     np.testing.assert_array_equal(got[:, 1], expected)
     np.testing.assert_array_equal(got[:, [0, 2]], 0)
@@ -357,7 +358,8 @@ def test_emulated_float16_conversions_match_numpy():
     ]).astype(np.float32)  # fmt: skip
     bits = np.empty(x.shape, dtype=np.uint16)
     lib.narrow_f16_rn(x.ctypes.data_as(ctypes.c_void_p), bits.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(x.size))
-    np.testing.assert_array_equal(bits, x.astype(np.float16).view(np.uint16))
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(bits, x.astype(np.float16).view(np.uint16))
     back = np.empty(x.shape, dtype=np.float32)
     lib.widen_f16(bits.ctypes.data_as(ctypes.c_void_p), back.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(x.size))
     np.testing.assert_array_equal(back, bits.view(np.float16).astype(np.float32))
