@@ -5,9 +5,11 @@ g++ against ``cuda_emulation/cuda_host.h``, which emulates threads, blocks, shar
 ``__syncthreads``, ``__syncwarp``, warp shuffles and ``atomicAdd`` (one OS thread per CUDA
 thread). Launch configurations come from the backend's own ``forward_launch`` and
 ``backward_launch``, for a device described by ``LIMITS`` (small, so that tiling, the
-chunked fallback and whole-warp groups all occur on small kernels). float32, float64 and
-bfloat16 (its conversions are plain integer code; bfloat16 arrays are int16 bits, as the
-backend receives them: call :func:`construct`/:func:`construct_grad` with a bfloat16 spec).
+chunked fallback and whole-warp groups all occur on small kernels). float32, float64,
+float16 and bfloat16. bfloat16's conversions are plain integer code (its arrays are int16 bits,
+as the backend receives them: call :func:`construct`/:func:`construct_grad` with a bfloat16
+spec); the PTX conversions of float16's loads and stores are rewritten into the emulation's own,
+bit-exact ones (:func:`translate_ptx`); a PTX statement it does not know stops the build.
 
 This module is a backend module in the sense of ``ndcls._registry`` (host arrays), registered
 by the test that uses it under the name "cupy-emulated".
@@ -18,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,10 +34,38 @@ HEADER = Path(__file__).parent / "cuda_emulation" / "cuda_host.h"
 #: A made-up device: 2 SMs, 4 KiB of shared memory per block (8 KiB opting in).
 LIMITS = cb.DeviceLimits(n_sm=2, shared_default=4096, shared_optin=8192, capability=(8, 0))
 THREADS = 64
-DTYPES = ("float32", "float64")
+DTYPES = ("float16", "float32", "float64")
+#: PTX storage formats of ``cvt`` -> (exponent bits, mantissa bits) of emu::narrow / emu::widen.
+PTX_FORMATS = {"f16": (5, 10)}
 #: dtypes the emulation builds beyond those the registered "cupy-emulated" backend takes
 BITS_DTYPES = ("bfloat16",)
-_CTYPES = {"float32": "float", "float64": "double", "bfloat16": "ndcls::bf16"}
+CTYPES = {"float16": "ndcls::f16", "float32": "float", "float64": "double", "bfloat16": "ndcls::bf16"}
+
+_CVT = re.compile(
+    r'asm\("cvt\.(?:(?P<mode>rn|rz|rm|rp)\.)?(?P<dst>\w+)\.(?P<src>\w+) %0, %1;"\s*'
+    r':\s*"=\w"\((?P<out>[^()]*)\)\s*:\s*"\w"\((?P<arg>[^()]*)\)\);'
+)
+
+
+def translate_ptx(source: str) -> str:
+    """The kernel source with every inline-PTX ``cvt`` between float32 and a storage format of
+    :data:`PTX_FORMATS` replaced by the emulation's conversion in the same rounding mode."""
+
+    def replace(match):
+        mode, dst, src = match["mode"], match["dst"], match["src"]
+        if src == "f32" and dst in PTX_FORMATS and mode:
+            e, m = PTX_FORMATS[dst]
+            return f"{match['out']} = emu::narrow<{e}, {m}, emu::Round::{mode}>({match['arg']});"
+        if dst == "f32" and src in PTX_FORMATS and not mode:
+            e, m = PTX_FORMATS[src]
+            return f"{match['out']} = emu::widen<{e}, {m}>({match['arg']});"
+        raise ValueError(f"the host emulation has no meaning for the PTX {match[0]!r}")
+
+    out = _CVT.sub(replace, source)
+    if "asm(" in out:
+        line = next(x for x in out.splitlines() if "asm(" in x)
+        raise ValueError(f"the host emulation has no meaning for the PTX {line.strip()!r}")
+    return out
 
 
 def compiler():
@@ -46,7 +77,7 @@ def _tag(key: cb.Specialisation) -> str:
 
 
 def _wrappers(key: cb.Specialisation) -> str:
-    t = _CTYPES[key.dtype]
+    t = CTYPES[key.dtype]
     i = cb.INDEX_TYPES[key.int64]
     args = cb.INTERPOLATION_CODES[key.interpolation]
     targs = f"{t}, {key.n_learned}, {args}, {i}"
@@ -80,7 +111,14 @@ def library(keys) -> ctypes.CDLL:
     checks = "".join(
         f"static_assert(sizeof(ndcls::Layout<{cb.INDEX_TYPES[w]}>) == {cb.layout_dtype(w).itemsize});\n" for w in (False, True)
     )
-    source = f'#include "{HEADER}"\n' + cb.kernel_source() + checks + "".join(_wrappers(k) for k in keys)
+    source = f'#include "{HEADER}"\n' + translate_ptx(cb.kernel_source()) + checks + "".join(_wrappers(k) for k in keys)
+    lib = _build(source)
+    _LIBRARIES[keys] = lib
+    return lib
+
+
+def _build(source: str) -> ctypes.CDLL:
+    """Compile ``source`` with g++ into a shared library, cached on disk by content."""
     digest = hashlib.sha256((source + HEADER.read_text()).encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / f"ndcls-cuda-emulation-{os.getuid()}"
     cache.mkdir(exist_ok=True)
@@ -92,9 +130,7 @@ def library(keys) -> ctypes.CDLL:
         cmd = [compiler(), "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
         subprocess.run([*cmd, "-o", str(tmp), str(src_path)], check=True, capture_output=True, text=True)
         tmp.replace(lib_path)
-    lib = ctypes.CDLL(str(lib_path))
-    _LIBRARIES[keys] = lib
-    return lib
+    return ctypes.CDLL(str(lib_path))
 
 
 def all_keys(max_learned: int, dtype: str):
@@ -148,3 +184,16 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
             ctypes.c_int(cb._profile_length(spec)),
         )  # fmt: skip
     return grad_w, grad_p, grad_s
+
+
+def conversion_library() -> ctypes.CDLL:
+    """emu::narrow / emu::widen for float16 (round to nearest) over arrays, to test them alone."""
+    source = f'#include "{HEADER}"\n' + """
+extern "C" void narrow_f16_rn(const float* x, unsigned short* out, long n) {
+    for (long i = 0; i < n; ++i) out[i] = emu::narrow<5, 10, emu::Round::rn>(x[i]);
+}
+extern "C" void widen_f16(const unsigned short* x, float* out, long n) {
+    for (long i = 0; i < n; ++i) out[i] = emu::widen<5, 10>(x[i]);
+}
+"""
+    return _build(source)

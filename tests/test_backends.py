@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ndcls
-from _cases import cases, draw_positions, learned_row_sizes, poison
+from _cases import ADVERSARIAL, adversarial_cases, cases, check_against_reference, draw_positions, learned_row_sizes, poison
 from _harness import backend_params, for_cases
 from _tolerances import assert_close
 from ndcls._api import _prepare
@@ -249,3 +249,56 @@ def test_edge_cases_match_reference(backend, interpolation, edge):
     for a, b in zip(ndcls.construct_grad(g, w, p, sizes, backend=backend, **kw), ndcls.construct_grad(g, w, p, sizes, backend="numpy", **kw)):
         if b is not None:
             assert_close(a, b, what="grad")
+
+
+# -- standing adversarial cases of the normalised kinds (tests/_cases.py) --------------------------
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's scalars: inf, as on a GPU
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", ADVERSARIAL)
+@pytest.mark.parametrize("backend", FAST)
+def test_adversarial_cases_match_reference(backend, name, dtype):
+    """Elements mostly outside the kernel, tiny, subnormal and huge widths: no NaN or inf that the
+    float64 reference does not have, and float32 within the float32 tolerance."""
+    check_against_reference(adversarial_cases(dtype)[name], backend)
+
+
+# -- launch paths of the Numba CUDA kernels (under the simulator on CPU-only machines) ---------------
+
+
+def _numba_cuda_path(spec):
+    from ndcls.kernels import numba_cuda
+
+    threads, shared_tile, _ = numba_cuda.plan(spec, "forward")
+    tile = "shared tile" if shared_tile else "global tile"
+    return f"{tile}, {'several element chunks' if spec.n_dense * spec.count > threads else 'one element chunk'}"
+
+
+def _numba_cuda_paths():
+    from ndcls.kernels import numba_cuda
+
+    chunked = numba_cuda.THREADS + 1  # more elements per dense index than threads per block
+    big = 1 + int(numba_cuda.SHARED_BYTES**0.5 / 8**0.5)  # an M = 2 tile that leaves no room for the slots
+    return {
+        "shared tile, several element chunks": dict(max_ndim=2, max_size=4, max_batch=1, min_count=chunked, max_count=chunked + 3),
+        "global tile, one element chunk": dict(min_ndim=2, max_ndim=2, min_size=big, max_size=big + 4, max_batch=1, max_count=2),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("interpolation", ndcls.INTERPOLATIONS)
+@pytest.mark.parametrize("path", ["shared tile, several element chunks", "global tile, one element chunk"])
+@pytest.mark.parametrize("backend", [p for p in FAST if p.values[0] == "numba-cuda"])
+def test_numba_cuda_launch_paths_match_reference(backend, path, interpolation):
+    """Drawn cases on each tiling path of the Numba CUDA kernels (the usual draws all take the
+    shared tile with one chunk of elements): element chunks (gauss adds every chunk into the
+    tile) and the global-memory tile of kernels too large for shared memory."""
+    from hypothesis import assume, given, settings
+
+    @settings(max_examples=2)
+    @given(cases(position_mode="around", max_cells=10**6, noncontiguous=False, interpolations=(interpolation,), **_numba_cuda_paths()[path]))
+    def prop(case):
+        assume(case.weight.size and _numba_cuda_path(case.spec) == path)
+        check_against_reference(case, backend, grad_kernels=(case.grad_kernel(),))
+
+    prop()

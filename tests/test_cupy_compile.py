@@ -92,7 +92,7 @@ def test_largest_specialisations_assemble_for_real_gpus(arch):
 
 def test_a_broken_kernel_fails_to_compile():
     key = cb.specialisations()[0]
-    broken = cb.kernel_source().replace("A z = A(1);", "A z = A(1)", 1)
+    broken = cb.kernel_source().replace("A total = A(1);", "A total = A(1)", 1)
     assert broken != cb.kernel_source()
     with pytest.raises(CompileError, match="error"):
         nvrtc_compile(broken, key.name_expressions, "--gpu-architecture=compute_80")

@@ -2,21 +2,23 @@
 reference, its launch arithmetic, and its errors on machines without CuPy or a GPU.
 
 The emulation (tests/_cuda_emulator.py) compiles the backend's own CUDA source with g++; it
-checks the kernels' logic (indices, guards, tiling and fallback, gather and reductions), not
-CUDA's memory model or float16, which need a GPU (tests/test_cupy_gpu.py).
+checks the kernels' logic (indices, guards, tiling and fallback, gather and reductions) and
+their float16 loads and stores (the PTX conversions are emulated bit for bit), not CUDA's
+memory model, which needs a GPU (tests/test_cupy_gpu.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 import _cuda_emulator as emu
 import ndcls
-from _cases import cases, draw_positions, learned_row_sizes, poison
+from _cases import ADVERSARIAL, adversarial_cases, cases, check_against_reference, draw_positions, learned_row_sizes, poison
 from _tolerances import assert_close
 from conftest import HAS_GPU
 from ndcls._api import _prepare
@@ -94,6 +96,15 @@ def test_emulated_kernels_with_64bit_indices(emulated, monkeypatch):
     prop()
 
 
+@needs_gxx
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_emulated_kernels_on_adversarial_cases(emulated, name, dtype):
+    """The standing adversarial cases of tests/_cases.py; float32 kernels compute in float32 here."""
+    check_against_reference(adversarial_cases(dtype)[name], emulated)
+
+
 # Launch shapes that the emulated device (emu.LIMITS) puts on distinct code paths.
 PATHS = {
     "tile of batch kernels": dict(sizes=(5, 4), batch=(6,), count=3, learned=None),
@@ -140,6 +151,46 @@ def test_emulated_launch_paths(emulated, path, interpolation):
     for a, b in zip(got, again):  # the gather is deterministic
         if b is not None:
             np.testing.assert_array_equal(a, b)
+
+
+def forward_path(spec):
+    """Which code path the emulated device's forward launch takes for ``spec``."""
+    launch = cb.forward_launch(spec, emu.LIMITS, threads=emu.THREADS)
+    if launch.span < spec.block:
+        return "chunked fallback"
+    if launch.span >= 2 * spec.block:
+        return "tile of batch kernels"
+    return "one kernel, opt-in shared memory" if launch.shared > emu.LIMITS.shared_default else "one kernel"
+
+
+# Drawn shapes per forward path on the emulated device (4 KiB of shared memory, 8 KiB opting
+# in); the long axes of the last two also put the backward on whole-warp groups, whose
+# emulation is slow (a barrier of 32 OS threads per shuffle): few examples there.
+_BIG = dict(min_ndim=2, max_ndim=2, max_batch=1, max_count=2, dtypes=("float64",), max_examples=2)
+DRAWN_PATHS = {
+    "tile of batch kernels": dict(max_ndim=2, max_size=4, max_batch=5, allow_empty=False),
+    "one kernel": dict(max_ndim=3, max_size=6),
+    "one kernel, opt-in shared memory": dict(min_size=23, max_size=31, **_BIG),
+    "chunked fallback": dict(min_size=33, max_size=40, **_BIG),
+}
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("interpolation", ndcls.INTERPOLATIONS)
+@pytest.mark.parametrize("path", list(DRAWN_PATHS))
+def test_emulated_kernels_on_every_launch_path(emulated, path, interpolation):
+    """The harness's random cases, drawn in shapes that reach each launch path of the kernels."""
+    shapes = dict(DRAWN_PATHS[path], interpolations=(interpolation,))
+    examples = shapes.pop("max_examples", 4)
+
+    @settings(max_examples=examples)
+    @given(cases(**{"position_mode": "around", "max_count": 3, "max_cells": 10**6, "noncontiguous": False, **shapes}))
+    def prop(case):
+        assume(case.weight.size and forward_path(case.spec) == path)
+        _compare(case, emulated)
+
+    prop()
 
 
 # -- launch arithmetic for real devices ------------------------------------------------------------
@@ -317,6 +368,9 @@ def test_bf16_bit_helpers_round_to_nearest_even():
     assert np.isnan(back[6])
 
 
+# -- float16 (native in the kernels: float32 arithmetic, float16 loads and stores) ----------------
+
+
 @needs_gxx
 @pytest.mark.cuda_compile
 @pytest.mark.parametrize("interpolation", ndcls.INTERPOLATIONS)
@@ -362,6 +416,51 @@ def test_emulated_bfloat16_kernels_match_reference(path, interpolation):
 
 @needs_gxx
 @pytest.mark.cuda_compile
+def test_emulated_float16_stores_round_to_nearest_even(emulated):
+    """Bilinear weights at integer positions: K sums float16 weights exactly in float32, and the
+    float16 store rounds that sum once. It must round to nearest, ties to even (PTX cvt.rn), as
+    NumPy does; truncation (cvt.rz) differs on most of these sums."""
+    k = np.arange(-7, 8)
+    w1 = np.where(k < 0, -1.0, 1.0)
+    w2 = k * 2.0**-12  # 1 + k/4096: 0, 1/4, 1/2 (a tie) and 3/4 of a float16 spacing past 1
+    w1 = np.concatenate([w1, [60000.0, -60000.0, 1000.0]])  # 68000 rounds to inf; 1000.4 to 1000.5
+    w2 = np.concatenate([w2, [8000.0, -8000.0, 0.4375]])
+    weight = np.stack([w1, w2], axis=-1).astype(np.float16)  # (batch, count 2), both on cell 1
+    positions = np.ones((1, *weight.shape), dtype=np.float16)
+    got = ndcls.construct(weight, positions, (3,), backend=emulated)
+    exact = weight.astype(np.float64).sum(axis=-1)
+    with np.errstate(over="ignore"):
+        expected = exact.astype(np.float16)  # correctly rounded, ties to even (68000: inf)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got[:, 1], expected)
+    np.testing.assert_array_equal(got[:, [0, 2]], 0)
+    truncated = np.where(np.abs(expected.astype(np.float64)) > np.abs(exact),
+                         np.nextafter(expected, np.float16(0)), expected)  # fmt: skip
+    truncated = np.where(np.isinf(expected), np.copysign(np.float16(65504), exact), truncated)
+    assert (truncated != expected).sum() >= 5  # the test tells the two modes apart
+
+
+def test_emulated_float16_conversions_match_numpy():
+    """emu::narrow<5, 10, rn> and emu::widen<5, 10> are IEEE binary16, bit for bit (NumPy's)."""
+    if emu.compiler() is None:
+        pytest.skip("needs g++ for the host emulation")
+    lib = emu.conversion_library()
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.standard_normal(4000).astype(np.float32) * np.float32(2.0) ** rng.integers(-30, 20, 4000),
+        np.float32([0.0, -0.0, np.inf, -np.inf, 65504, 65519.99, 65520, 1e-8, 6e-8, 5.96e-8, 2.0**-25, 3 * 2.0**-26]),
+    ]).astype(np.float32)  # fmt: skip
+    bits = np.empty(x.shape, dtype=np.uint16)
+    lib.narrow_f16_rn(x.ctypes.data_as(ctypes.c_void_p), bits.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(x.size))
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(bits, x.astype(np.float16).view(np.uint16))
+    back = np.empty(x.shape, dtype=np.float32)
+    lib.widen_f16(bits.ctypes.data_as(ctypes.c_void_p), back.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(x.size))
+    np.testing.assert_array_equal(back, bits.view(np.float16).astype(np.float32))
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
 def test_emulated_bfloat16_stores_round_to_nearest_even():
     """Two bfloat16 weights on one cell: their float32 sum is exact, so the stored K is exactly
     that sum rounded to nearest even (truncation or ties away would differ for some pairs)."""
@@ -377,3 +476,24 @@ def test_emulated_bfloat16_stores_round_to_nearest_even():
     np.testing.assert_array_equal(k[:, 0].view(np.uint16), _to_bf16_bits(exact).view(np.uint16))
     assert (_to_bf16_bits(exact) != (exact.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)).any()
     assert (k[:, 1:] == 0).all()
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+def test_emulated_float16_kernels_match_reference(emulated):
+    """float16 inputs, float32 arithmetic: the reference on the same values (exactly upcast)."""
+
+    @settings(max_examples=15)
+    @given(cases(position_mode="around", max_count=3, dtypes=("float16",)))
+    def prop(case):
+        up = dict(weight=case.weight.astype(np.float32), positions=case.positions.astype(np.float32),
+                  sigma=None if case.sigma is None else case.sigma.astype(np.float32))  # fmt: skip
+        assert_close(case.construct(emulated), case.construct("numpy", **up).astype(np.float16), what="K")
+        g = case.grad_kernel()
+        got = case.construct_grad(g, emulated)
+        expected = case.construct_grad(g.astype(np.float32), "numpy", **up)
+        for name, a, e in zip(("weight", "positions", "sigma"), got, expected):
+            if e is not None:
+                assert_close(a, e.astype(np.float16), what=f"grad_{name}")
+
+    prop()

@@ -5,9 +5,16 @@ device functions. Every float-to-int cast is preceded by a range check, so NaN, 
 out-of-range positions never produce an index.
 
 Interpolation codes: 0 bilinear, 1 triangle, 2 gauss.
+
+Normalised kinds (triangle, gauss) are computed in scaled form (docs/math.md, "Gradients"):
+each row's profile is divided by its sum, the derivative rows are centred, and the normaliser
+enters only through ratios bounded by 1, so no intermediate overflows or cancels where the
+result does not.
 """
 
 import math
+
+from ndcls._spec import EPS
 
 BILINEAR, TRIANGLE, GAUSS = 0, 1, 2
 INTERPOLATION_CODES = {"bilinear": BILINEAR, "triangle": TRIANGLE, "gauss": GAUSS}
@@ -55,7 +62,9 @@ def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
     """Write the profile ``a[i]`` (and derivatives, if ``with_grad``) for ``i`` in ``[lo, hi)``.
 
     Returns ``(sum a, sum da_dp, sum da_ds)`` over the range. Self-contained (no calls), so it
-    compiles alike with ``numba.njit`` and as a CUDA device function.
+    compiles alike with ``numba.njit`` and as a CUDA device function. Gauss derivatives are
+    written times ``s`` (``a * u`` and ``a * u**2``, bounded by 1 whatever ``s``): see
+    :func:`derivative_scale`.
     """
     if kind == GAUSS:
         # a[i] = exp(-((i - p) / s)**2 / 2) with 4 calls of exp: consecutive cells differ by a
@@ -107,8 +116,8 @@ def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
             value = a[i]
             if with_grad and value > 0.0:
                 u = (x - p) / s
-                d_p = value * u / s
-                d_s = d_p * u
+                d_p = value * u  # s * da/dp
+                d_s = d_p * u  # s * da/ds
         a[i] = value
         total += value
         if with_grad:
@@ -132,11 +141,74 @@ def advance(idx, lo, hi, n_axes):
     return False
 
 
-def quotient_rule(w, t, z, u, d_sum, others):
-    """Derivative of ``w * T / Z`` along one parameter of a normalised element.
+def derivative_scale(kind, s):
+    """What :func:`fill_profile` multiplied the derivatives of a row by: ``s`` for gauss, else 1."""
+    if kind == GAUSS:
+        return s
+    return 1.0
 
-    ``t`` = T = sum of G times the profile product, ``u`` = dT/dparameter, ``z`` = Z, and
-    ``d_sum * others`` = dZ/dparameter (the derivative's sum along its own axis times the
-    profile sums along the other axes).
+
+def normalise_profile(kind, p, s, lo, hi, a, da_dp, da_ds, total, total_dp, total_ds, with_grad):
+    """In place on ``[lo, hi)``: ``a`` becomes ``n = a / total`` (``total = sum a > 0``) and, if
+    ``with_grad``, each derivative row ``da`` becomes ``da - n * sum(da)`` (``total`` times the
+    derivative of ``n``; exactly 0 on a one-cell support).
+
+    Gauss rows are centred in the form that does not cancel when one cell ``m`` (the nearest to
+    ``p``) holds nearly all the mass: with ``da = a * l`` (``l = u`` or ``u**2``, times ``s``),
+    ``da - n * sum(da) = a * ((l - l_m) - sum_k n_k (l_k - l_m))`` and ``l_k - l_m`` is
+    ``(k - m) / s`` or ``(k - m) / s * (u_k + u_m)``, both computed without cancellation.
     """
-    return w * (u / z - t * d_sum * others / (z * z))
+    if kind == GAUSS and with_grad:
+        m = float(math.floor(min(max(p + 0.5, float(lo)), hi - 1.0)))
+        u_m = (m - p) / s
+        corr_p = 0.0
+        corr_s = 0.0
+        for i in range(lo, hi):
+            if a[i] > 0.0:  # a = 0 (underflow) also guards against (i - m) / s = inf
+                dl = (float(i) - m) / s
+                corr_p += a[i] * dl
+                corr_s += a[i] * (dl * ((float(i) - p) / s + u_m))
+        corr_p /= total
+        corr_s /= total
+        for i in range(lo, hi):
+            value = a[i]
+            if value > 0.0:
+                dl = (float(i) - m) / s
+                da_dp[i] = value * (dl - corr_p)
+                da_ds[i] = value * (dl * ((float(i) - p) / s + u_m) - corr_s)
+            a[i] = value / total
+        return
+    for i in range(lo, hi):
+        n = a[i] / total
+        a[i] = n
+        if with_grad:
+            da_dp[i] -= n * total_dp
+            da_ds[i] -= n * total_ds
+
+
+def normaliser_ratios(s):
+    """``(S / Z, eps / Z)`` for ``Z = S + eps``, ``S >= 0`` the product of the row sums (may be inf).
+
+    Never divides by 0 nor forms inf / inf; both ratios carry one rounding error each."""
+    if s > 1.0:
+        e = EPS / s
+        r = 1.0 / (1.0 + e)
+        return r, e * r
+    z = s + EPS
+    return s / z, EPS / z
+
+
+def normalised_gradient(w, t, u, d_sum, s_row, others, q, scale):
+    """Derivative of ``sum_c G[c] w P(c) / Z`` along one parameter of row j of a normalised element.
+
+    With the row's profile normalised and its derivative centred (:func:`normalise_profile`):
+    ``t`` = sum of G n, ``u`` = sum of G times the centred derivative times the other rows' n,
+    ``d_sum`` = sum of the row's derivative, ``s_row`` = S_j > 0, ``others`` = prod of the other
+    rows' sums O_j, ``q`` = eps / Z, ``scale`` = :func:`derivative_scale`. The result is
+    ``w O_j / Z * (u + q t d_sum) / scale``, with ``w O_j / Z = w / (S_j + eps / O_j)``.
+    """
+    if others > 1.0:
+        c = w / (s_row + EPS / others)
+    else:
+        c = w * others / (s_row * others + EPS)
+    return c * (u + q * t * d_sum) / scale

@@ -21,7 +21,6 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ndcls._spec import EPS
 from ndcls.kernels import _element
 
 _valid = njit(cache=True, inline="always")(_element.element_valid)
@@ -29,7 +28,10 @@ _support = njit(cache=True, inline="always")(_element.support)
 _fill = njit(cache=True, inline="always")(_element.fill_profile)
 _bilinear_cell = njit(cache=True, inline="always")(_element.bilinear_cell)
 _advance = njit(cache=True, inline="always")(_element.advance)
-_quotient_rule = njit(cache=True, inline="always")(_element.quotient_rule)
+_normalise = njit(cache=True, inline="always")(_element.normalise_profile)
+_ratios = njit(cache=True, inline="always")(_element.normaliser_ratios)
+_normalised_gradient = njit(cache=True, inline="always")(_element.normalised_gradient)
+_derivative_scale = njit(cache=True, inline="always")(_element.derivative_scale)
 
 _INVALID, _EMPTY, _OK = 0, 1, 2
 # Reassociation and contraction let LLVM vectorise the inner sums; no flag assumes finite
@@ -39,9 +41,12 @@ _FASTMATH = {"reassoc", "contract"}
 
 @njit(cache=True, inline="always")
 def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, with_grad):
-    """Profiles of element ``(b, d, c)`` along every learned axis; returns ``(status, Z)``.
+    """Profiles of element ``(b, d, c)`` along every learned axis; returns ``(status, S)``.
 
-    ``sums[0, j]``, ``sums[1, j]``, ``sums[2, j]``: sums of ``a``, ``da_dp``, ``da_ds`` along row j.
+    ``sums[0, j]``, ``sums[1, j]``, ``sums[2, j]``: sums of ``a``, ``da_dp``, ``da_ds`` along row j
+    (``S`` is the product of the first). Normalised kinds leave the rows normalised and the
+    derivative rows centred (``_element.normalise_profile``); a row summing to 0 makes the
+    element empty.
     """
     m = positions.shape[0]
     for j in range(m):
@@ -55,10 +60,12 @@ def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_d
         if lo[j] >= hi[j]:
             return _EMPTY, 1.0
         sums[0, j], sums[1, j], sums[2, j] = _fill(kind, p, s, lo[j], hi[j], a[j], da_dp[j], da_ds[j], with_grad)
+        if normalised:
+            if sums[0, j] == 0.0:  # (NaN goes on: a bug in the profile must show)
+                return _EMPTY, 1.0
+            _normalise(kind, p, s, lo[j], hi[j], a[j], da_dp[j], da_ds[j], sums[0, j], sums[1, j], sums[2, j], with_grad)
         z *= sums[0, j]
-    if normalised:
-        return _OK, z + EPS
-    return _OK, 1.0
+    return _OK, z
 
 
 @njit(cache=True, inline="always")
@@ -119,10 +126,11 @@ def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets
                                     value *= factors[j]
                                 out[dense_offsets[d] + offset] += value
                         continue
-                    status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False)
+                    status, total = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False)
                     if status != _OK:
                         continue
-                    scale = weight[b, d, c] / z
+                    ratio, _ = _ratios(total)  # K = w * (S / Z) * prod of the normalised rows
+                    scale = weight[b, d, c] * ratio
                     idx[:] = lo
                     step = strides[last]
                     while True:
@@ -158,8 +166,8 @@ def _construct_grad(
         lo = np.empty(m, np.int64)
         hi = np.empty(m, np.int64)
         idx = np.empty(m, np.int64)
-        u = np.empty(m)  # sum of G * d(prod a)/dp_j over the support
-        v = np.empty(m)  # sum of G * d(prod a)/ds_j
+        u = np.empty(m)  # sum of G * (centred da/dp_j) * prod of the other rows' n
+        v = np.empty(m)  # the same with da/ds_j
         corner = np.empty(m, np.int64)
         frac = np.empty(m)
         factors = np.empty(m)
@@ -195,7 +203,7 @@ def _construct_grad(
                         for j in range(m):
                             grad_p[j, b, d, c] = w * u[j]
                         continue
-                    status, z = _profiles(
+                    status, total = _profiles(
                         kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True
                     )
                     if status != _OK:
@@ -236,18 +244,18 @@ def _construct_grad(
                             v[k] += rest * da_ds[k, idx[k]]
                         if not _advance(idx, lo, hi, last):
                             break
+                    # normalised kinds only here: t = sum of G * n
                     w = weight[b, d, c]
-                    grad_w[b, d, c] = t / z
+                    ratio, q = _ratios(total)
+                    grad_w[b, d, c] = ratio * t
                     for j in range(m):
-                        if normalised:
-                            others = 1.0
-                            for k in range(m):
-                                if k != j:
-                                    others *= sums[0, k]
-                            grad_p[j, b, d, c] = _quotient_rule(w, t, z, u[j], sums[1, j], others)
-                            grad_s[j, b, d, c] = _quotient_rule(w, t, z, v[j], sums[2, j], others)
-                        else:
-                            grad_p[j, b, d, c] = w * u[j]
+                        others = 1.0
+                        for k in range(m):
+                            if k != j:
+                                others *= sums[0, k]
+                        scale = _derivative_scale(kind, sigma[j, b, d, c])
+                        grad_p[j, b, d, c] = _normalised_gradient(w, t, u[j], sums[1, j], sums[0, j], others, q, scale)
+                        grad_s[j, b, d, c] = _normalised_gradient(w, t, v[j], sums[2, j], sums[0, j], others, q, scale)
 
 
 # -- dispatch ------------------------------------------------------------------------------

@@ -48,14 +48,17 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, float64, int64
 
-from ndcls._spec import EPS, MAX_DIMS
+from ndcls._spec import MAX_DIMS
 from ndcls.kernels import _element
 
 _valid = cuda.jit(device=True)(_element.element_valid)
 _support = cuda.jit(device=True)(_element.support)
 _fill = cuda.jit(device=True)(_element.fill_profile)
 _advance = cuda.jit(device=True)(_element.advance)
-_quotient_rule = cuda.jit(device=True)(_element.quotient_rule)
+_normalise = cuda.jit(device=True)(_element.normalise_profile)
+_ratios = cuda.jit(device=True)(_element.normaliser_ratios)
+_normalised_gradient = cuda.jit(device=True)(_element.normalised_gradient)
+_derivative_scale = cuda.jit(device=True)(_element.derivative_scale)
 
 BILINEAR, TRIANGLE, GAUSS = _element.BILINEAR, _element.TRIANGLE, _element.GAUSS
 _INVALID, _EMPTY, _OK = 0, 1, 2
@@ -105,7 +108,9 @@ def _profiles(kind, positions, sigma, b, d, c, sizes, roff, a, da_dp, da_ds, wit
 
     Row j occupies ``a[roff[j] : roff[j] + sizes[j]]``, indexed by cell; only ``[lo[j], hi[j])``
     is written. ``sums[3 * j + k]``: sums of ``a``, ``da_dp``, ``da_ds`` over row j.
-    Returns ``(status, Z)``.
+    Returns ``(status, S)``, S the product of the rows' sums. Normalised kinds leave each row
+    normalised and its derivative rows centred (``_element.normalise_profile``); a row summing
+    to 0 makes the element empty.
     """
     m = positions.shape[0]
     for j in range(m):
@@ -126,10 +131,12 @@ def _profiles(kind, positions, sigma, b, d, c, sizes, roff, a, da_dp, da_ds, wit
         sums[3 * j] = t0
         sums[3 * j + 1] = t1
         sums[3 * j + 2] = t2
+        if kind != BILINEAR:
+            if t0 == 0.0:
+                return _EMPTY, 1.0
+            _normalise(kind, p, s, first, last, a[r0:r1], da_dp[r0:r1], da_ds[r0:r1], t0, t1, t2, with_grad)
         z *= t0
-    if kind != BILINEAR:
-        return _OK, z + EPS
-    return _OK, 1.0
+    return _OK, z
 
 
 @cuda.jit(device=True)
@@ -150,10 +157,13 @@ def _scatter_batch(kind, b, weight, positions, sigma, tile, slot, layout, n_dens
     for e in range(cuda.threadIdx.x, n_dense * count, cuda.blockDim.x):
         d = e // count
         c = e - d * count
-        status, z = _profiles(kind, positions, sigma, b, d, c, sizes, roff, slot, slot, slot, False, lo, hi, sums)
+        status, total = _profiles(kind, positions, sigma, b, d, c, sizes, roff, slot, slot, slot, False, lo, hi, sums)
         if status != _OK:
             continue
-        scale = float(weight[b, d, c]) / z
+        scale = float(weight[b, d, c])
+        if kind != BILINEAR:  # K = w * (S / Z) * prod of the normalised rows
+            ratio, _ = _ratios(total)
+            scale *= ratio
         base = _dense_offset(d, n_dense_axes, dsizes, dstrides)
         for j in range(m):
             idx[j] = lo[j]
@@ -196,9 +206,10 @@ def _gather_batch(kind, b, weight, positions, sigma, tile, slots, slot_len, layo
             c = c0 + tid
             if c < count:  # slot layout: [w / Z (0: skip), row 0, row 1, ...]
                 scale = 0.0
-                status, z = _profiles(kind, positions, sigma, b, d, c, sizes, roff, profile, profile, profile, False, lo, hi, sums)
+                status, total = _profiles(kind, positions, sigma, b, d, c, sizes, roff, profile, profile, profile, False, lo, hi, sums)
                 if status == _OK:
-                    scale = float(weight[b, d, c]) / z
+                    ratio, _ = _ratios(total)  # gauss: K = w * (S / Z) * prod of the normalised rows
+                    scale = float(weight[b, d, c]) * ratio
                 mine[0] = scale
             cuda.syncthreads()
             n_here = min(nt, count - c0)
@@ -237,8 +248,8 @@ def _grad_batch(kind, b, grad_tile, weight, positions, sigma, grad_w, grad_p, gr
     hi = cuda.local.array(MAX_DIMS, int64)
     idx = cuda.local.array(MAX_DIMS, int64)
     sums = cuda.local.array(_SUMS_LEN, float64)
-    u = cuda.local.array(MAX_DIMS, float64)  # sum of G * d(prod a)/dp_j over the support
-    v = cuda.local.array(MAX_DIMS, float64)  # sum of G * d(prod a)/ds_j
+    u = cuda.local.array(MAX_DIMS, float64)  # sum of G * d(prod a)/dp_j (normalised: centred, see cpu.py)
+    v = cuda.local.array(MAX_DIMS, float64)  # the same with d/ds_j
     _unpack_layout(layout, n_dense_axes, m, sizes, strides, dsizes, dstrides, roff)
     a = slot[0:row_len]
     da_dp = slot[row_len : 2 * row_len]
@@ -246,7 +257,7 @@ def _grad_batch(kind, b, grad_tile, weight, positions, sigma, grad_w, grad_p, gr
     for e in range(cuda.threadIdx.x, n_dense * count, cuda.blockDim.x):
         d = e // count
         c = e - d * count
-        status, z = _profiles(kind, positions, sigma, b, d, c, sizes, roff, a, da_dp, da_ds, True, lo, hi, sums)
+        status, total = _profiles(kind, positions, sigma, b, d, c, sizes, roff, a, da_dp, da_ds, True, lo, hi, sums)
         if status != _OK:
             fill = math.nan if status == _INVALID else 0.0
             grad_w[b, d, c] = fill
@@ -280,17 +291,21 @@ def _grad_batch(kind, b, grad_tile, weight, positions, sigma, grad_w, grad_p, gr
             if not _advance(idx, lo, hi, m):
                 break
         w = float(weight[b, d, c])
-        grad_w[b, d, c] = t / z
-        for j in range(m):
-            if normalised:
-                others = 1.0
-                for k in range(m):
-                    if k != j:
-                        others *= sums[3 * k]
-                grad_p[j, b, d, c] = _quotient_rule(w, t, z, u[j], sums[3 * j + 1], others)
-                grad_s[j, b, d, c] = _quotient_rule(w, t, z, v[j], sums[3 * j + 2], others)
-            else:
+        if not normalised:
+            grad_w[b, d, c] = t
+            for j in range(m):
                 grad_p[j, b, d, c] = w * u[j]
+            continue
+        ratio, q = _ratios(total)
+        grad_w[b, d, c] = ratio * t
+        for j in range(m):
+            others = 1.0
+            for k in range(m):
+                if k != j:
+                    others *= sums[3 * k]
+            scale = _derivative_scale(kind, float(sigma[j, b, d, c]))
+            grad_p[j, b, d, c] = _normalised_gradient(w, t, u[j], sums[3 * j + 1], sums[3 * j], others, q, scale)
+            grad_s[j, b, d, c] = _normalised_gradient(w, t, v[j], sums[3 * j + 2], sums[3 * j], others, q, scale)
 
 
 # -- kernels: one factory per (interpolation, tile placement), memoised --------------------------

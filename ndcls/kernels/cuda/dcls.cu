@@ -128,6 +128,61 @@ __device__ __forceinline__ void fill_profiles(const Element<A, M>& el, const Gro
     }
 }
 
+// _element.normalise_profile for every row, the lanes sharing the cells as in fill_profiles:
+// a becomes n = a / sum_a, the derivative rows da - n * sum(da) (gauss: in the pivoted form,
+// from gauss_pivots). The caller synchronises the group before (the sums read every cell) and after.
+template <int KIND, bool WITH_GRAD, typename A, int M>
+__device__ __forceinline__ void normalise_profiles(const Element<A, M>& el, const Group& g, int group, A* a, A* da_dp,
+                                                   A* da_ds, const A* sum_a, const A* sum_dp, const A* sum_ds,
+                                                   const A* pivot, const A* corr_p, const A* corr_s) {
+    for (int t = g.lane; t < el.length; t += group) {
+        int j = 0;
+#pragma unroll
+        for (int k = 1; k < M; ++k) {
+            if (t >= el.off[k]) j = k;
+        }
+        const A value = a[t];
+        if (WITH_GRAD && KIND == GAUSS) {
+            if (value > A(0)) {  // a = 0 (underflow) also guards against (x - m) / s = inf
+                const A x = A(el.lo[j] + (t - el.off[j]));
+                const A dl = (x - pivot[j]) / el.s[j];
+                da_dp[t] = value * (dl - corr_p[j]);
+                da_ds[t] = value * (dl * ((x - el.p[j]) / el.s[j] + (pivot[j] - el.p[j]) / el.s[j]) - corr_s[j]);
+            }
+        } else if (WITH_GRAD) {
+            da_dp[t] -= value / sum_a[j] * sum_dp[j];
+            da_ds[t] -= value / sum_a[j] * sum_ds[j];
+        }
+        a[t] = value / sum_a[j];
+    }
+}
+
+// Gauss rows (_element.normalise_profile): the pivot m (the cell nearest p, holding the most
+// mass) and sum_k n_k (l_k - l_m) for l = u and u**2 (s * the scores). Reads the unnormalised
+// profile; every lane computes them.
+template <typename A, int M>
+__device__ __forceinline__ void gauss_pivots(const Element<A, M>& el, const A* a, const A* sum_a, A* pivot, A* corr_p,
+                                             A* corr_s) {
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+        const A m = floor(fmin(fmax(el.p[j] + A(0.5), A(el.lo[j])), A(el.lo[j] + el.width[j] - 1)));
+        const A u_m = (m - el.p[j]) / el.s[j];
+        A cp = A(0), cs = A(0);
+        for (int k = 0; k < el.width[j]; ++k) {
+            const A value = a[el.off[j] + k];
+            if (value > A(0)) {
+                const A x = A(el.lo[j] + k);
+                const A dl = (x - m) / el.s[j];
+                cp += value * dl;
+                cs += value * (dl * ((x - el.p[j]) / el.s[j] + u_m));
+            }
+        }
+        pivot[j] = m;
+        corr_p[j] = cp / sum_a[j];
+        corr_s[j] = cs / sum_a[j];
+    }
+}
+
 template <typename A>
 __device__ __forceinline__ A row_sum(const A* x, int n) {
     A total = A(0);
@@ -192,13 +247,25 @@ __global__ void construct_kernel(const T* __restrict__ weight, const T* __restri
 
             fill_profiles<KIND, false>(el, g, group, a, a, a);
             __syncwarp(g.mask);
-            A z = A(1);  // Z = prod of the row sums + eps for normalised kinds, 1 for bilinear
-            if (KIND != BILINEAR) {
+            A scale = Scalar<T>::load(weight[e]);
+            if (KIND != BILINEAR) {  // K = w * (S / Z) * prod of the normalised rows, S = prod of the sums
+                A sums[M], total = A(1);
 #pragma unroll
-                for (int j = 0; j < M; ++j) z *= row_sum(a + el.off[j], el.width[j]);
-                z += A(NDCLS_EPS);
+                for (int j = 0; j < M; ++j) {
+                    sums[j] = row_sum(a + el.off[j], el.width[j]);
+                    total *= sums[j];
+                }
+                __syncwarp(g.mask);
+                bool empty = false;
+#pragma unroll
+                for (int j = 0; j < M; ++j) empty = empty || sums[j] == A(0);
+                if (empty) continue;  // no mass in the kernel (the whole group skips)
+                normalise_profiles<KIND, false>(el, g, group, a, a, a, sums, sums, sums, sums, sums, sums);
+                __syncwarp(g.mask);
+                A r, unused;
+                normaliser_ratios(total, r, unused);
+                scale *= r;
             }
-            const A scale = Scalar<T>::load(weight[e]) / z;
 
             I cells = 1;
 #pragma unroll
@@ -264,15 +331,34 @@ __global__ void construct_grad_kernel(const T* __restrict__ grad_kernel, const T
         fill_profiles<KIND, true>(el, g, group, a, da_dp, da_ds);
         __syncwarp(g.mask);
         A sum_a[M], sum_dp[M], sum_ds[M];
-        A z = A(1);
+        A total = A(1);  // S = prod of the row sums
+        bool empty = false;
 #pragma unroll
         for (int j = 0; j < M; ++j) {
             sum_a[j] = row_sum(a + el.off[j], el.width[j]);
             sum_dp[j] = row_sum(da_dp + el.off[j], el.width[j]);
             sum_ds[j] = row_sum(da_ds + el.off[j], el.width[j]);
-            z *= sum_a[j];
+            total *= sum_a[j];
+            empty = empty || sum_a[j] == A(0);
         }
-        z = KIND == BILINEAR ? A(1) : z + A(NDCLS_EPS);
+        A pivot[M], corr_p[M], corr_s[M];
+        if (KIND == GAUSS && !empty) gauss_pivots(el, a, sum_a, pivot, corr_p, corr_s);
+        if (KIND != BILINEAR) {  // normalised rows and centred derivative rows (cpu.py, _element.py)
+            __syncwarp(g.mask);  // every lane has read the whole profile
+            if (empty) {  // no mass in the kernel: zero gradients, as an empty support
+                if (g.lane == 0) {
+                    grad_weight[e] = Scalar<T>::store(A(0));
+#pragma unroll
+                    for (int j = 0; j < M; ++j) {
+                        grad_positions[j * n_elements + e] = Scalar<T>::store(A(0));
+                        grad_sigma[j * n_elements + e] = Scalar<T>::store(A(0));
+                    }
+                }
+                continue;
+            }
+            normalise_profiles<KIND, true>(el, g, group, a, da_dp, da_ds, sum_a, sum_dp, sum_ds, pivot, corr_p, corr_s);
+            __syncwarp(g.mask);
+        }
 
         const I b = e / per_batch;
         const I d = (e - b * per_batch) / count;
@@ -316,19 +402,26 @@ __global__ void construct_grad_kernel(const T* __restrict__ grad_kernel, const T
         }
         if (g.lane == 0) {
             const A w = Scalar<T>::load(weight[e]);
-            grad_weight[e] = Scalar<T>::store(t / z);
+            if (KIND == BILINEAR) {
+                grad_weight[e] = Scalar<T>::store(t);
 #pragma unroll
-            for (int j = 0; j < M; ++j) {
-                if (KIND == BILINEAR) {
-                    grad_positions[j * n_elements + e] = Scalar<T>::store(w * u[j]);
-                } else {
+                for (int j = 0; j < M; ++j) grad_positions[j * n_elements + e] = Scalar<T>::store(w * u[j]);
+            } else {  // t = sum of G * n; u[j], v[j] with the centred derivative rows
+                A r, q;
+                normaliser_ratios(total, r, q);
+                grad_weight[e] = Scalar<T>::store(r * t);
+#pragma unroll
+                for (int j = 0; j < M; ++j) {
                     A others = A(1);
 #pragma unroll
                     for (int k = 0; k < M; ++k) {
                         if (k != j) others *= sum_a[k];
                     }
-                    grad_positions[j * n_elements + e] = Scalar<T>::store(w * (u[j] / z - t * sum_dp[j] * others / (z * z)));
-                    grad_sigma[j * n_elements + e] = Scalar<T>::store(w * (v[j] / z - t * sum_ds[j] * others / (z * z)));
+                    const A scale = derivative_scale<KIND>(el.s[j]);
+                    grad_positions[j * n_elements + e] =
+                        Scalar<T>::store(normalised_gradient(w, t, u[j], sum_dp[j], sum_a[j], others, q, scale));
+                    grad_sigma[j * n_elements + e] =
+                        Scalar<T>::store(normalised_gradient(w, t, v[j], sum_ds[j], sum_a[j], others, q, scale));
                 }
             }
         }

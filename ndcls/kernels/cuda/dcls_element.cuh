@@ -64,7 +64,7 @@ struct Scalar<bf16> {
 };
 // ---- end bfloat16 ---------------------------------------------------------------------------
 
-#ifdef __CUDACC__  // PTX conversions: absent from the host emulation in tests/cuda_emulation
+#if defined(__CUDACC__) || defined(NDCLS_HOST_EMULATION)  // the emulation translates the PTX (tests/_cuda_emulator.py)
 template <>
 struct Scalar<f16> {
     typedef float acc;  // half inputs accumulate in float32
@@ -147,12 +147,41 @@ __device__ __forceinline__ A profile(A p, A s, A floor_p, int i, A& d_p, A& d_s)
     } else {
         const A u = (x - p) / s;
         value = exp(A(-0.5) * u * u);
-        if (value > A(0)) {
-            d_p = value * u / s;
+        if (value > A(0)) {  // times s, as _element.fill_profile: bounded whatever s
+            d_p = value * u;
             d_s = d_p * u;
         }
     }
     return value;
+}
+
+// _element.derivative_scale: what profile() multiplied the derivatives by.
+template <int KIND, typename A>
+__device__ __forceinline__ A derivative_scale(A s) {
+    return KIND == GAUSS ? s : A(1);
+}
+
+// _element.normaliser_ratios: r = S / Z and q = eps / Z for Z = S + eps, S >= 0 (may be inf),
+// without division by 0 or inf / inf.
+template <typename A>
+__device__ __forceinline__ void normaliser_ratios(A s, A& r, A& q) {
+    if (s > A(1)) {
+        const A e = A(NDCLS_EPS) / s;
+        r = A(1) / (A(1) + e);
+        q = e * r;
+    } else {
+        const A z = s + A(NDCLS_EPS);
+        r = s / z;
+        q = A(NDCLS_EPS) / z;
+    }
+}
+
+// _element.normalised_gradient: w * O_j / Z * (u + q * t * d_sum) / scale, the gradient along
+// one parameter of row j of a normalised element (normalised rows, centred derivative rows).
+template <typename A>
+__device__ __forceinline__ A normalised_gradient(A w, A t, A u, A d_sum, A s_row, A others, A q, A scale) {
+    const A c = others > A(1) ? w / (s_row + A(NDCLS_EPS) / others) : w * others / (s_row * others + A(NDCLS_EPS));
+    return c * (u + q * t * d_sum) / scale;
 }
 
 }  // namespace ndcls
