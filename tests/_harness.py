@@ -32,11 +32,14 @@ _HARNESS = {
 }
 
 
-def backend_params():
-    """pytest params for the backends compared with the reference (the reference itself too)."""
+def backend_params(operation="construct"):
+    """pytest params for the backends compared with the reference (the reference itself too),
+    among those that implement ``operation`` ("construct" or "conv")."""
+    from ndcls._registry import operation_backends
+
     params = [pytest.param("numpy", id="numpy")]
     for name, (marks, _) in _HARNESS.items():
-        if name in ndcls.backends():
+        if name in operation_backends(operation):
             params.append(pytest.param(name, id=name, marks=marks))
     return params
 
