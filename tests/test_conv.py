@@ -54,11 +54,6 @@ def test_conv_matches_reference(backend):
         _check_grads(case.conv_grad(g, backend), case.conv_grad(g, "numpy"), case, "conv_grad")
 
 
-def _torch_conv(case, kernel):
-    fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[len(case.sizes) - 1]
-    return fn
-
-
 @pytest.mark.parametrize("backend", ALL)
 def test_conv_matches_torch_on_the_constructed_kernel(backend):
     """float64: output and grad_input against torch autograd, the other gradients against
