@@ -1,4 +1,4 @@
-"""``ndcls.construct`` and ``ndcls.construct_grad``: normalise, validate, dispatch."""
+"""``ndcls.construct``, ``ndcls.construct_grad``, ``ndcls.conv``, ``ndcls.conv_grad``: normalise, validate, dispatch."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ndcls._arrays import ArrayContext, array_context, cupy_on_device
-from ndcls._registry import Backend, default_backend, get_backend
-from ndcls._spec import KernelSpec, dtype_name
+from ndcls._arrays import ArrayContext, array_context, cupy_on_device, shape_and_dtype
+from ndcls._registry import Backend, check_operation, default_backend, get_backend, get_operation
+from ndcls._spec import ConvSpec, KernelSpec, dtype_name
 
 
 def _namespace(x):
@@ -224,3 +224,164 @@ def _construct_grad(call: _Call, weight, positions, sigma, grad_kernel):
     gp = _reduce_to(gp, call.shapes["positions"], spec)
     gs = None if gs is None else _reduce_to(gs, call.shapes["sigma"], spec)
     return tuple(ctx.from_compute(g, call.mode, call.dtype) for g in (gw, gp, gs))
+
+
+# -- direct convolution (SPEC section 9) ------------------------------------------------------------
+
+
+#: dtypes the direct convolution takes (half precision is not implemented for it yet)
+_CONV_DTYPES = ("float32", "float64")
+
+
+@dataclass
+class _ConvCall:
+    ctx: ArrayContext
+    spec: ConvSpec
+    impl: object  # the backend's function for the operation
+    shapes: dict  # caller's shapes of weight, positions and sigma
+    input: object
+    weight: object
+    positions: object
+    sigma: object
+    grad_output: object = None
+
+
+def _prepare_conv(operation, input, weight, positions, sigma, grad_output, sizes, options) -> _ConvCall:
+    """Validate, then canonicalise: ``input``/``grad_output`` C-contiguous as given, ``weight``
+    ``(O, I, D, C)``, ``positions``/``sigma`` ``(M, Po, Pi, D, C)`` with broadcast axes kept at 1."""
+    backend = options.pop("backend")
+    arrays = dict(input=input, weight=weight, positions=positions, sigma=sigma)
+    if operation == "conv_grad":
+        arrays["grad_output"] = grad_output
+    ctx = array_context(**arrays)
+    chosen = _select_backend(backend, ctx)
+    for name, a in arrays.items():
+        if a is not None and dtype_name(ctx.dtype_of(a)) not in _CONV_DTYPES:
+            raise TypeError(
+                f"{name}: the direct convolution computes in {_CONV_DTYPES}, got {dtype_name(ctx.dtype_of(a))} "
+                f"(for half precision, cast the arrays, or use construct and a dense convolution)"
+            )
+    x, w, p, s, g = (ctx.to_compute(a) for a in (input, weight, positions, sigma, grad_output))
+    shapes = {name: shape_and_dtype(a) if a is not None else (None, None) for name, a in zip("xwpsg", (x, w, p, s, g))}
+    spec = ConvSpec.from_arguments(
+        input_shape=shapes["x"][0],
+        input_dtype=shapes["x"][1],
+        weight_shape=shapes["w"][0],
+        weight_dtype=shapes["w"][1],
+        positions_shape=shapes["p"][0],
+        positions_dtype=shapes["p"][1],
+        sigma_shape=shapes["s"][0],
+        sigma_dtype=shapes["s"][1],
+        grad_output_shape=shapes["g"][0],
+        grad_output_dtype=shapes["g"][1],
+        sizes=sizes,
+        **options,
+    )
+    check_operation(operation, chosen)
+    if not chosen.supports(spec.dtype):
+        raise TypeError(f"backend {chosen.name!r} supports dtypes {chosen.dtypes}, got {spec.dtype}")
+    xp = _namespace(w)
+    k = spec.kernel
+
+    def rows(a):  # (M, Po, Pi, *dense, C) -> (M, Po, Pi, D, C), no broadcasting
+        return None if a is None else xp.ascontiguousarray(a).reshape(a.shape[:3] + (k.n_dense, k.count))
+
+    return _ConvCall(
+        ctx=ctx,
+        spec=spec,
+        impl=get_operation(operation, chosen),
+        shapes={"weight": shapes["w"][0], "positions": shapes["p"][0], "sigma": shapes["s"][0]},
+        input=xp.ascontiguousarray(x),
+        weight=xp.ascontiguousarray(w).reshape(k.batch_shape + (k.n_dense, k.count)),
+        positions=rows(p),
+        sigma=rows(s),
+        grad_output=None if g is None else xp.ascontiguousarray(g),
+    )
+
+
+def conv(
+    input,
+    weight,
+    positions,
+    sizes,
+    *,
+    sigma=None,
+    interpolation="bilinear",
+    learned_dims=None,
+    stride=1,
+    padding=0,
+    groups=1,
+    backend=None,
+):
+    """Convolution by the DCLS kernel ``K = construct(weight, positions, sizes, ...)``, without building ``K``.
+
+    The result is what ``torch.nn.functional.conv{N}d(input, K, stride=stride, padding=padding,
+    groups=groups)`` computes (cross-correlation, zero padding); the work is proportional to the
+    cells the elements touch (their taps) times the output size (SPEC section 9, docs/conv.md).
+
+    Args:
+        input: ``(batch, in_channels, *spatial)``, N = len(sizes) spatial axes.
+        weight: ``(out_channels, in_channels // groups, *dense_sizes, count)``.
+        positions: ``(M, out_channels, in_channels // groups, *dense_sizes, count)``; the two
+            channel axes may be 1 (positions shared by those channels).
+        sizes, sigma, interpolation, learned_dims: as for :func:`construct`.
+        stride: an int or N ints. padding: an int, N ints, "valid" or "same" (stride 1).
+        groups: channel groups; in_channels and out_channels must be divisible by it.
+        backend: None (the default for the arrays' device), "numpy" or "numba".
+
+    Returns:
+        ``(batch, out_channels, *out_spatial)``, the caller's array library, device and dtype.
+
+    Example::
+
+        >>> import numpy as np, ndcls
+        >>> x = np.ones((1, 1, 8))                     # batch 1, 1 channel, length 8
+        >>> w = np.array([[[1.0, 2.0]]])               # 1 -> 1 channel, count 2
+        >>> p = np.array([[[[0.0, 3.5]]]])             # positions in a kernel of size 5
+        >>> ndcls.conv(x, w, p, (5,)).tolist()
+        [[[3.0, 3.0, 3.0, 3.0]]]
+    """
+    options = dict(interpolation=interpolation, learned_dims=learned_dims, stride=stride, padding=padding, groups=groups)
+    ctx = array_context(input=input, weight=weight, positions=positions, sigma=sigma)
+    with ctx.stream():  # the caller's stream for the copies, the kernels and the hand-back
+        call = _prepare_conv("conv", input, weight, positions, sigma, None, sizes, dict(options, backend=backend))
+        out = call.impl(call.spec, call.input, call.weight, call.positions, call.sigma)
+        return ctx.from_compute(out.reshape(call.spec.output_shape))
+
+
+def conv_grad(
+    grad_output,
+    input,
+    weight,
+    positions,
+    sizes,
+    *,
+    sigma=None,
+    interpolation="bilinear",
+    learned_dims=None,
+    stride=1,
+    padding=0,
+    groups=1,
+    backend=None,
+):
+    """Gradients of a loss through :func:`conv`, given ``dL/doutput``.
+
+    Args:
+        grad_output: ``(batch, out_channels, *out_spatial)``, the output's shape.
+        input, weight, positions, sizes and the keywords: as for :func:`conv`.
+
+    Returns:
+        ``(grad_input, grad_weight, grad_positions, grad_sigma)`` shaped like ``input``,
+        ``weight``, ``positions`` and ``sigma`` (summed over the axes along which positions
+        and sigma broadcast); ``grad_sigma`` is None for "bilinear".
+    """
+    options = dict(interpolation=interpolation, learned_dims=learned_dims, stride=stride, padding=padding, groups=groups)
+    ctx = array_context(grad_output=grad_output, input=input, weight=weight, positions=positions, sigma=sigma)
+    with ctx.stream():
+        call = _prepare_conv("conv_grad", input, weight, positions, sigma, grad_output, sizes, dict(options, backend=backend))
+        gx, gw, gp, gs = call.impl(call.spec, call.grad_output, call.input, call.weight, call.positions, call.sigma)
+        gx = gx.reshape(call.spec.input_shape)
+        gw = gw.reshape(call.shapes["weight"])
+        gp = gp.reshape(call.shapes["positions"])
+        gs = None if gs is None else gs.reshape(call.shapes["sigma"])
+        return tuple(ctx.from_compute(a) for a in (gx, gw, gp, gs))

@@ -10,6 +10,17 @@ provides two functions over canonical arrays (see :class:`ndcls.KernelSpec`)::
     construct_grad(spec, grad_kernel, weight, positions, sigma) -> (grad_weight, grad_positions, grad_sigma)
         grad_kernel (B, prod(sizes)) -> shapes of weight, positions, sigma (grad_sigma None for bilinear)
 
+Further operations are registered per (operation, backend) with :func:`register_operation`
+(SPEC section 9; see :class:`ndcls._spec.ConvSpec` for the canonical arrays)::
+
+    conv(spec, input, weight, positions, sigma) -> output
+        input (batch, in_channels, *spatial); weight (O, I, D, C); positions, sigma
+        (M, Po, Pi, D, C) with Po in (1, O), Pi in (1, I) (broadcast axes kept at 1)
+        -> output (batch, out_channels, *out_spatial)
+    conv_grad(spec, grad_output, input, weight, positions, sigma)
+        -> (grad_input, grad_weight, grad_positions, grad_sigma), grad_positions/grad_sigma
+        shaped like the positions/sigma received (summed over their broadcast axes)
+
 All inputs are C-contiguous arrays of ``spec.dtype``, NumPy arrays for ``device="cpu"``
 backends; GPU backends accept NumPy (copied in and out) or CuPy arrays and return the same kind.
 
@@ -89,6 +100,45 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"backend must be None or one of {backends()}, got {name!r}") from None
 
 
+#: (operation, backend name) -> module, for the operations a backend implements beyond
+#: ``construct``/``construct_grad`` (those live in ``Backend.module``).
+_OPERATIONS: dict[tuple[str, str], str] = {}
+
+
+def register_operation(operation: str, backend: str, module: str) -> None:
+    """Declare that ``module`` implements ``operation`` (a function of that name) for ``backend``."""
+    _OPERATIONS[(operation, backend)] = module
+
+
+def operation_backends(operation: str) -> tuple[str, ...]:
+    """Names of the backends that implement ``operation``."""
+    if operation in ("construct", "construct_grad"):
+        return backends()
+    return tuple(b for (op, b) in _OPERATIONS if op == operation and b in _BACKENDS)
+
+
+def check_operation(operation: str, backend: Backend) -> None:
+    """Raise NotImplementedError, before anything runs, if ``backend`` lacks ``operation``."""
+    if operation not in ("construct", "construct_grad") and (operation, backend.name) not in _OPERATIONS:
+        raise NotImplementedError(
+            f"backend {backend.name!r} does not implement {operation!r} yet; "
+            f"backends that do: {operation_backends(operation)}"
+        )
+
+
+def get_operation(operation: str, backend: Backend):
+    """The function computing ``operation`` on ``backend`` (imports its module on first use)."""
+    check_operation(operation, backend)
+    if operation in ("construct", "construct_grad"):
+        return getattr(backend.load(), operation)
+    module = _OPERATIONS[(operation, backend.name)]
+    try:
+        return getattr(importlib.import_module(module), operation)
+    except ImportError as exc:
+        hint = f" Install it with: {backend.install_hint}" if backend.install_hint else ""
+        raise ImportError(f"backend {backend.name!r} is not usable here: {exc}.{hint}") from exc
+
+
 def default_backend(device: str) -> Backend:
     """The backend used for arrays on ``device`` ("cpu" or "cuda") when none is named."""
     name = _DEFAULTS[device]
@@ -142,3 +192,8 @@ register_backend(
         description="Numba CUDA kernels: one block per batch index, shared-memory tiles (runs under NUMBA_ENABLE_CUDASIM=1)",
     )
 )
+
+register_operation("conv", "numpy", "ndcls.kernels.reference_conv")
+register_operation("conv_grad", "numpy", "ndcls.kernels.reference_conv")
+register_operation("conv", "numba", "ndcls.kernels.cpu_conv")
+register_operation("conv_grad", "numba", "ndcls.kernels.cpu_conv")

@@ -315,3 +315,213 @@ class KernelSpec:
     def broadcast_axes(self, shape) -> tuple[int, ...]:
         """Axes of a positions-like array of ``shape`` that broadcast (size 1 against batch > 1)."""
         return tuple(1 + i for i, (s, b) in enumerate(zip(shape[1:], self.batch_shape)) if s == 1 and b != 1)
+
+
+# -- direct convolution (SPEC section 9) ------------------------------------------------------------
+
+# Gaussian cut, in widths, per working precision: ``exp(-R**2 / 2)`` is the unit roundoff
+# ``2**-(mantissa bits + 1)`` of the dtype, so every cell beyond ``R * sigma`` from the
+# position holds less than the rounding of the element's peak (docs/conv.md).
+def gauss_cut(dtype) -> float:
+    """Radius (in widths) beyond which a Gaussian profile is below the rounding of its peak."""
+    bits = np.finfo(np.dtype(dtype)).nmant + 1  # 24 for float32, 53 for float64
+    return math.sqrt(2.0 * bits * math.log(2.0))
+
+
+def taps_per_element(interpolation: str, learned_sizes, sigma=None, dtype=np.float64) -> float:
+    """Upper estimate of the kernel cells one element touches (its taps).
+
+    bilinear: ``2**M``; triangle: ``prod(min(2 * ceil(s) + 1, size))``; gauss: the same with
+    the cut radius ``gauss_cut(dtype) * s``. ``sigma`` is one width or one per learned axis
+    (a typical value; 1 if not given).
+    """
+    sizes = tuple(learned_sizes)
+    if interpolation == "bilinear":
+        return float(math.prod(min(2, n) for n in sizes))
+    widths = [1.0] * len(sizes) if sigma is None else np.broadcast_to(np.asarray(sigma, dtype=np.float64), (len(sizes),))
+    radius = 1.0 if interpolation == "triangle" else gauss_cut(dtype)
+    return float(math.prod(min(2 * math.ceil(radius * float(s)) + 1, n) for s, n in zip(widths, sizes)))
+
+
+def _tuple_of(value, n: int, name: str, minimum: int) -> tuple[int, ...]:
+    items = (value,) * n if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or {n} ints, got {type(value).__name__} {value!r}") from None
+    if len(items) != n:
+        raise ValueError(f"{name} must be an int or {n} ints (one per spatial axis), got {value!r}")
+    out = tuple(_as_int(v, f"{name}[{i}]") for i, v in enumerate(items))
+    for i, v in enumerate(out):
+        if v < minimum:
+            raise ValueError(f"{name}[{i}] must be >= {minimum}, got {v} ({name}={out})")
+    return out
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Shapes of one direct convolution (SPEC section 9): a :class:`KernelSpec` and the input.
+
+    ``input`` is ``(batch, in_channels, *spatial)``, ``weight`` ``(out_channels, in_channels //
+    groups, *dense_sizes, count)``, the output ``(batch, out_channels, *out_spatial)``.
+    ``padding`` holds ``(before, after)`` per spatial axis ("same" pads like torch: the extra
+    cell of an even kernel goes after).
+    """
+
+    kernel: KernelSpec
+    batch: int
+    in_channels: int
+    out_channels: int
+    groups: int
+    spatial: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+
+    @property
+    def ndim(self) -> int:
+        return self.kernel.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.kernel.dtype
+
+    @property
+    def group_in(self) -> int:
+        """Input channels per group (the weight's second axis)."""
+        return self.in_channels // self.groups
+
+    @property
+    def group_out(self) -> int:
+        return self.out_channels // self.groups
+
+    @cached_property
+    def out_spatial(self) -> tuple[int, ...]:
+        return tuple(
+            (x + lo + hi - k) // s + 1 for x, (lo, hi), k, s in zip(self.spatial, self.padding, self.kernel.sizes, self.stride)
+        )
+
+    @cached_property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.in_channels, *self.spatial)
+
+    @cached_property
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.out_channels, *self.out_spatial)
+
+    def cost(self, sigma=None) -> dict:
+        """Estimated multiply-adds of one forward pass by each route (pure function of shapes).
+
+        ``direct``: every element's taps times the output size (what ``ndcls.conv`` does);
+        ``construct``: building ``K`` (every element's taps) plus the dense convolution over
+        ``prod(sizes)`` cells. ``taps`` is the estimate per element (:func:`taps_per_element`,
+        ``sigma`` a typical width), ``shared`` says the taps are common to every channel pair
+        (positions and sigma broadcast over both batch axes: the direct route runs as matrix
+        products). The backward pass costs about twice the forward on either route.
+        """
+        k = self.kernel
+        taps = taps_per_element(k.interpolation, k.learned_sizes, sigma, k.dtype)
+        elements = k.n_batch * k.n_dense * k.count
+        outputs = self.batch * math.prod(self.out_spatial)
+        direct = outputs * elements * taps
+        construct = elements * taps + outputs * k.n_batch * k.block
+        return dict(direct=float(direct), construct=float(construct), taps=taps, elements=elements)
+
+    @classmethod
+    def from_arguments(
+        cls,
+        *,
+        input_shape,
+        input_dtype,
+        weight_shape,
+        weight_dtype,
+        positions_shape,
+        positions_dtype,
+        sizes,
+        interpolation,
+        learned_dims,
+        stride=1,
+        padding=0,
+        groups=1,
+        sigma_shape=None,
+        sigma_dtype=None,
+        grad_output_shape=None,
+        grad_output_dtype=None,
+    ) -> ConvSpec:
+        """Validate a convolution's arguments (SPEC sections 5 and 9) before any kernel runs."""
+        kernel = KernelSpec.from_arguments(
+            weight_shape=weight_shape,
+            weight_dtype=weight_dtype,
+            positions_shape=positions_shape,
+            positions_dtype=positions_dtype,
+            sigma_shape=sigma_shape,
+            sigma_dtype=sigma_dtype,
+            sizes=sizes,
+            interpolation=interpolation,
+            learned_dims=learned_dims,
+        )
+        n = kernel.ndim
+        for name, dt in (("input", input_dtype), ("grad_output", grad_output_dtype)):
+            if dt is not None and np.dtype(dt) != kernel.dtype:
+                raise TypeError(f"{name} must have the dtype of weight ({kernel.dtype}), got {np.dtype(dt)}")
+        if len(kernel.batch_shape) != 2:
+            raise ValueError(
+                f"weight must have shape (out_channels, in_channels // groups, *dense_sizes, count) for conv, "
+                f"i.e. {2 + len(kernel.dense_sizes) + 1} axes for sizes={kernel.sizes} and learned_dims="
+                f"{kernel.learned_dims}, got {_describe(tuple(weight_shape))}"
+            )
+        input_shape = tuple(input_shape)
+        if len(input_shape) != n + 2:
+            raise ValueError(
+                f"input must have shape (batch, in_channels, *spatial) with {n} spatial axes for sizes="
+                f"{kernel.sizes}, got {_describe(input_shape)}"
+            )
+        groups = _as_int(groups, "groups")
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        out_channels, group_in = kernel.batch_shape
+        in_channels = input_shape[1]
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}, input axis 1) and out_channels ({out_channels}, weight axis 0) "
+                f"must be divisible by groups ({groups})"
+            )
+        if group_in != in_channels // groups:
+            raise ValueError(
+                f"weight axis 1 must be in_channels // groups = {in_channels} // {groups} = "
+                f"{in_channels // groups}, got {group_in} (weight shape {_describe(tuple(weight_shape))})"
+            )
+        stride = _tuple_of(stride, n, "stride", 1)
+        if isinstance(padding, str):
+            if padding == "valid":
+                pads = ((0, 0),) * n
+            elif padding == "same":
+                if any(s != 1 for s in stride):
+                    raise ValueError(f"padding='same' needs stride 1, got stride={stride}")
+                pads = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel.sizes)
+            else:
+                raise ValueError(f"padding must be an int, {n} ints, 'valid' or 'same', got {padding!r}")
+        else:
+            pads = tuple((p, p) for p in _tuple_of(padding, n, "padding", 0))
+        spatial = input_shape[2:]
+        for a, (x, (lo, hi), k) in enumerate(zip(spatial, pads, kernel.sizes)):
+            if x + lo + hi < k:
+                raise ValueError(
+                    f"input spatial axis {a} has size {x}{f' (+ padding {lo + hi})' if lo + hi else ''}, "
+                    f"smaller than the kernel size {k} along it (input shape {_describe(input_shape)}, sizes={kernel.sizes})"
+                )
+        spec = cls(
+            kernel=kernel,
+            batch=input_shape[0],
+            in_channels=in_channels,
+            out_channels=out_channels,
+            groups=groups,
+            spatial=spatial,
+            stride=stride,
+            padding=pads,
+        )
+        if grad_output_shape is not None and tuple(grad_output_shape) != spec.output_shape:
+            raise ValueError(
+                f"grad_output must have the output's shape {_describe(spec.output_shape)}, "
+                f"got {_describe(tuple(grad_output_shape))}"
+            )
+        return spec

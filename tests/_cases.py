@@ -208,6 +208,9 @@ def _adversarial_specs(dtype):
             [[1.7, 2.0, 0.3, 3.0, 2.51], [1.0, 0.6, 2.0, 1.49, 2.0]],
             [[1e-6, tiny, 1e-6, tiny, 0.3], [1e-6, tiny, tiny, 1e-6, 1e-6]],
         ),
+        # narrow elements halfway between cells: a Gaussian cut measured from p instead of from
+        # the nearest cell would drop both cells, which still hold a visible share of K
+        "gauss-narrow-between-cells": ((4,), "gauss", [[1.5, 0.5, 2.5, 1.45]], [[0.08, 0.07, 0.085, 0.075]]),
         # subnormal widths: gradients too large for the dtype must be +-inf, never NaN
         "triangle-subnormal-widths": ((4,), "triangle", [[0.0, sub / 2, 2.0, 1.5]], [[sub] * 4]),
         "gauss-subnormal-widths": ((4,), "gauss", [[0.0, sub, sub / 2, 2.0, 1.5]], [[sub] * 5]),

@@ -3,28 +3,33 @@
 One generic pair of kernels serves every N, M and interpolation. A bilinear element scatters
 (forward) or gathers (backward) its ``2**M`` corners directly. A triangle or Gaussian element
 gets a 1-D profile per learned axis over its support (the cells within ``sigma`` for triangle,
-the whole axis for gauss, built with 4 calls of ``exp`` by recurrence), and is scattered or
-gathered over the product of those supports. No dense intermediate: the forward pass zeroes
-each batch block of ``K`` and adds into it while it is in cache; the backward writes each
-element's gradients once (no races, deterministic). Arithmetic is in float64 whatever the
-input dtype. The per-element maths is :mod:`ndcls.kernels._element`, inlined here.
+the cells within the cut radius for gauss (``ndcls.gauss_cut``: beyond it every value is
+below the rounding of the element's peak), built with 4 calls of ``exp`` by recurrence), and is
+scattered or gathered over the product of those supports. No dense intermediate: the forward
+pass zeroes each batch block of ``K`` and adds into it while it is in cache; the backward writes
+each element's gradients once (no races, deterministic). Small calls run a serial kernel, large
+ones a parallel one whose threads claim loop iterations dynamically (:mod:`._threads`); the
+kernels release the GIL. Arithmetic is in float64 whatever the input dtype. The per-element
+maths is :mod:`ndcls.kernels._element`, inlined here; the per-element chain rule
+:func:`_element_grad` serves ``construct_grad`` and ``conv_grad`` (:mod:`.cpu_conv`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 import types as types_
 
 import numba
 import numpy as np
 from numba import njit, prange
 
+from ndcls._spec import gauss_cut, taps_per_element
 from ndcls.kernels import _element
+from ndcls.kernels._threads import SMALL_WORK
 
 _valid = njit(cache=True, inline="always")(_element.element_valid)
-_support = njit(cache=True, inline="always")(_element.support)
+_cut_support = njit(cache=True, inline="always")(_element.cut_support)
 _fill = njit(cache=True, inline="always")(_element.fill_profile)
 _bilinear_cell = njit(cache=True, inline="always")(_element.bilinear_cell)
 _advance = njit(cache=True, inline="always")(_element.advance)
@@ -40,8 +45,10 @@ _FASTMATH = {"reassoc", "contract"}
 
 
 @njit(cache=True, inline="always")
-def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, with_grad):
+def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, with_grad, radius):
     """Profiles of element ``(b, d, c)`` along every learned axis; returns ``(status, S)``.
+
+    A Gaussian is cut at ``radius`` widths (:func:`ndcls._spec.gauss_cut`; inf: whole axes).
 
     ``sums[0, j]``, ``sums[1, j]``, ``sums[2, j]``: sums of ``a``, ``da_dp``, ``da_ds`` along row j
     (``S`` is the product of the first). Normalised kinds leave the rows normalised and the
@@ -56,7 +63,7 @@ def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_d
     for j in range(m):
         p = positions[j, b, d, c]
         s = sigma[j, b, d, c]
-        lo[j], hi[j] = _support(kind, p, s, sizes[j])
+        lo[j], hi[j] = _cut_support(kind, p, s, sizes[j], radius)
         if lo[j] >= hi[j]:
             return _EMPTY, 1.0
         sums[0, j], sums[1, j], sums[2, j] = _fill(kind, p, s, lo[j], hi[j], a[j], da_dp[j], da_ds[j], with_grad)
@@ -66,6 +73,16 @@ def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_d
             _normalise(kind, p, s, lo[j], hi[j], a[j], da_dp[j], da_ds[j], sums[0, j], sums[1, j], sums[2, j], with_grad)
         z *= sums[0, j]
     return _OK, z
+
+
+@njit(cache=True, inline="always")
+def _element_scale(normalised, total):
+    """Factor of ``w * prod of the rows`` in ``K``: ``S / Z`` for the normalised kinds (whose rows
+    :func:`_profiles` left normalised), 1 for bilinear."""
+    if normalised:
+        ratio, _ = _ratios(total)
+        return ratio
+    return 1.0
 
 
 @njit(cache=True, inline="always")
@@ -94,7 +111,7 @@ def _corner_cell(k, corner, frac, sizes, strides, factors):
     return offset
 
 
-def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets, sizes, strides, n_chunks):
+def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets, sizes, strides, n_chunks, radius):
     n_batch, n_dense, count = weight.shape
     m = positions.shape[0]
     last = m - 1
@@ -126,11 +143,12 @@ def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets
                                     value *= factors[j]
                                 out[dense_offsets[d] + offset] += value
                         continue
-                    status, total = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False)
+                    status, total = _profiles(
+                        kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False, radius
+                    )
                     if status != _OK:
                         continue
-                    ratio, _ = _ratios(total)  # K = w * (S / Z) * prod of the normalised rows
-                    scale = weight[b, d, c] * ratio
+                    scale = weight[b, d, c] * _element_scale(normalised, total)  # K = w * (S / Z) * prod n
                     idx[:] = lo
                     step = strides[last]
                     while True:
@@ -149,8 +167,68 @@ def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets
                             break
 
 
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _element_grad(kind, normalised, g, base, strides, w, total, sigma, b, d, c, lo, hi, a, da_dp, da_ds, sums, idx, u, v):
+    """Chain rule of element ``(b, d, c)``, from ``dL/dK`` over its support and its profiles
+    (:func:`_profiles`, with gradients: normalised rows and centred derivative rows).
+
+    ``dL/dK`` at learned cell ``idx`` (``lo <= idx < hi``) is ``g[base + sum_j idx[j] * strides[j]]``
+    (``construct_grad``: the kernel block; ``conv_grad``: the correlation at the element's taps).
+    Returns ``dL/dw``; leaves ``dL/dp_j`` in ``u[j]`` and ``dL/ds_j`` in ``v[j]``.
+    """
+    m = lo.shape[0]
+    last = m - 1
+    t = 0.0
+    u[:] = 0.0  # sum of G * (centred da/dp_j) * prod of the other rows
+    v[:] = 0.0  # the same with da/ds_j
+    idx[:] = lo
+    step = strides[last]
+    while True:
+        offset = base
+        outer = 1.0
+        for j in range(last):
+            offset += idx[j] * strides[j]
+            outer *= a[j, idx[j]]
+        h = 0.0  # sum over the last axis of G * a, G * da_dp, G * da_ds
+        h_p = 0.0
+        h_s = 0.0
+        for i in range(lo[last], hi[last]):
+            gi = g[offset + i * step]
+            h += gi * a[last, i]
+            h_p += gi * da_dp[last, i]
+            h_s += gi * da_ds[last, i]
+        t += outer * h
+        u[last] += outer * h_p
+        v[last] += outer * h_s
+        for k in range(last):
+            rest = h
+            for j in range(last):
+                if j != k:
+                    rest *= a[j, idx[j]]
+            u[k] += rest * da_dp[k, idx[k]]
+            v[k] += rest * da_ds[k, idx[k]]
+        if not _advance(idx, lo, hi, last):
+            break
+    if not normalised:
+        for j in range(m):
+            u[j] = w * u[j]
+        return t
+    ratio, q = _ratios(total)  # t = sum of G * n
+    for j in range(m):
+        others = 1.0
+        for k in range(m):
+            if k != j:
+                others *= sums[0, k]
+        scale = _derivative_scale(kind, sigma[j, b, d, c])
+        grad_p = _normalised_gradient(w, t, u[j], sums[1, j], sums[0, j], others, q, scale)
+        grad_s = _normalised_gradient(w, t, v[j], sums[2, j], sums[0, j], others, q, scale)
+        u[j] = grad_p
+        v[j] = grad_s
+    return ratio * t
+
+
 def _construct_grad(
-    kind, normalised, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s, dense_offsets, sizes, strides, n_chunks
+    kind, normalised, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s, dense_offsets, sizes, strides, n_chunks, radius
 ):
     n_batch, n_dense, count = weight.shape
     m = positions.shape[0]
@@ -204,7 +282,7 @@ def _construct_grad(
                             grad_p[j, b, d, c] = w * u[j]
                         continue
                     status, total = _profiles(
-                        kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True
+                        kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True, radius
                     )
                     if status != _OK:
                         fill = np.nan if status == _INVALID else 0.0
@@ -213,62 +291,24 @@ def _construct_grad(
                             grad_p[j, b, d, c] = fill
                             grad_s[j, b, d, c] = fill
                         continue
-                    t = 0.0
-                    u[:] = 0.0
-                    v[:] = 0.0
-                    idx[:] = lo
-                    step = strides[last]
-                    while True:
-                        offset = dense_offsets[d]
-                        outer = 1.0
-                        for j in range(last):
-                            offset += idx[j] * strides[j]
-                            outer *= a[j, idx[j]]
-                        h = 0.0  # sum over the last axis of G * a, G * da_dp, G * da_ds
-                        h_p = 0.0
-                        h_s = 0.0
-                        for i in range(lo[last], hi[last]):
-                            g = g_block[offset + i * step]
-                            h += g * a[last, i]
-                            h_p += g * da_dp[last, i]
-                            h_s += g * da_ds[last, i]
-                        t += outer * h
-                        u[last] += outer * h_p
-                        v[last] += outer * h_s
-                        for k in range(last):
-                            rest = h
-                            for j in range(last):
-                                if j != k:
-                                    rest *= a[j, idx[j]]
-                            u[k] += rest * da_dp[k, idx[k]]
-                            v[k] += rest * da_ds[k, idx[k]]
-                        if not _advance(idx, lo, hi, last):
-                            break
-                    # normalised kinds only here: t = sum of G * n
-                    w = weight[b, d, c]
-                    ratio, q = _ratios(total)
-                    grad_w[b, d, c] = ratio * t
+                    grad_w[b, d, c] = _element_grad(
+                        kind, normalised, g_block, dense_offsets[d], strides, weight[b, d, c], total, sigma, b, d, c,
+                        lo, hi, a, da_dp, da_ds, sums, idx, u, v,
+                    )
                     for j in range(m):
-                        others = 1.0
-                        for k in range(m):
-                            if k != j:
-                                others *= sums[0, k]
-                        scale = _derivative_scale(kind, sigma[j, b, d, c])
-                        grad_p[j, b, d, c] = _normalised_gradient(w, t, u[j], sums[1, j], sums[0, j], others, q, scale)
-                        grad_s[j, b, d, c] = _normalised_gradient(w, t, v[j], sums[2, j], sums[0, j], others, q, scale)
+                        grad_p[j, b, d, c] = u[j]
+                        grad_s[j, b, d, c] = v[j]
 
 
 # -- dispatch ------------------------------------------------------------------------------
 # The two kernels above are plain Python functions; each is compiled on first use into at most
 # two machine-code versions per dtype: a serial one for small calls (where threads cost more
 # than they save, and whose compilation is about half as long) and a parallel one for large
-# calls. Inputs are typed read-only, so a read-only NumPy array (``writeable=False``) and a
+# calls, whose threads claim loop iterations one at a time (:mod:`._threads`). Inputs are typed read-only, so a read-only NumPy array (``writeable=False``) and a
 # writable one share the same compiled kernel instead of compiling a second set.
 
 #: output arguments of each kernel (typed writable); every other array argument is typed read-only
 _OUTPUTS = {"_construct": ("kernel",), "_construct_grad": ("grad_w", "grad_p", "grad_s")}
-#: below this many cell updates a call runs the serial kernel
-PARALLEL_MIN_WORK = 1 << 18
 _COMPILED: dict = {}
 
 
@@ -306,15 +346,18 @@ def _run(py_func, parallel, *args):
         variant = types_.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__)
         variant.__qualname__ = f"{py_func.__qualname__}_{'parallel' if parallel else 'serial'}"
         variant.__module__ = py_func.__module__
-        compiled = njit(sig, cache=True, parallel=parallel, fastmath=_FASTMATH)(variant)
+        compiled = njit(sig, cache=True, parallel=parallel, nogil=True, fastmath=_FASTMATH)(variant)
         _COMPILED[key] = compiled
-    return compiled(*args)
+    if not parallel:
+        return compiled(*args)
+    with numba.parallel_chunksize(1):  # a parked thread takes fewer iterations, not a fixed share
+        return compiled(*args)
 
 
-def _work(spec) -> int:
-    """Rough count of cell updates of one call: every element's support plus the kernel's cells."""
-    per_element = 1 << spec.n_learned if spec.interpolation == "bilinear" else math.prod(spec.learned_sizes)
-    return spec.n_batch * spec.n_dense * spec.count * per_element + spec.n_batch * spec.block
+def _work(spec) -> float:
+    """Cells written plus element taps (a typical width of 1 for the normalised kinds)."""
+    taps = taps_per_element(spec.interpolation, spec.learned_sizes, None, spec.dtype)
+    return spec.n_batch * (spec.block + spec.n_dense * spec.count * taps)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -325,10 +368,11 @@ def _layout_arrays(spec):
     return np.array(spec.dense_offsets, dtype=np.int64), sizes, strides
 
 
-def _layout(spec):
-    parallel = numba.get_num_threads() > 1 and spec.n_batch > 1 and _work(spec) >= PARALLEL_MIN_WORK
+def _layout(spec, work_factor=1):
+    """Whether to run the parallel kernel (:data:`._threads.SMALL_WORK`), and the layout arguments."""
+    parallel = numba.get_num_threads() > 1 and spec.n_batch > 1 and work_factor * _work(spec) >= SMALL_WORK
     n_chunks = min(spec.n_batch, 4 * numba.get_num_threads()) if parallel else 1
-    return parallel, (*_layout_arrays(spec), n_chunks)
+    return parallel, (*_layout_arrays(spec), n_chunks, gauss_cut(spec.dtype))
 
 
 def construct(spec, weight, positions, sigma, out=None):
@@ -346,7 +390,7 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
     grad_s = np.empty_like(positions)
     kind = _element.INTERPOLATION_CODES[spec.interpolation]
     sigma_in = positions if sigma is None else sigma
-    parallel, layout = _layout(spec)
+    parallel, layout = _layout(spec, work_factor=2)
     _run(_construct_grad, parallel, kind, spec.normalised, grad_kernel, weight, positions, sigma_in, grad_w, grad_p,
          grad_s, *layout)
     return grad_w, grad_p, (grad_s if spec.normalised else None)

@@ -1,0 +1,334 @@
+"""SPEC section 9: ``ndcls.conv`` / ``ndcls.conv_grad`` on every backend that has them.
+
+Every backend agrees with the NumPy reference; the reference (and every backend) agrees with
+torch's convolution of the constructed kernel; gradients agree with central differences;
+poisoned positions never write outside the output; bad inputs raise before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+import ndcls
+from _cases import poison
+from _conv_cases import conv_cases
+from _harness import backend_params, for_cases
+from _tolerances import assert_close
+
+ALL = backend_params("conv")
+DEFAULT = None if "numba" in [p.values[0] for p in ALL] else "numpy"  # the CPU default once it has conv
+FAST = [p for p in ALL if p.values[0] != "numpy"]
+
+# conv cases run the reference over every kernel cell: fewer examples than construction cases
+# keep this file within about a minute and a half on 2 cores once the kernels are compiled.
+EXAMPLES = 40
+FD_STEP = 1e-6
+FD_RTOL = 1e-6
+
+torch = pytest.importorskip("torch")
+
+
+def _check_grads(got, expected, case, what):
+    names = ("input", "weight", "positions", "sigma")
+    likes = (case.input, case.weight, case.positions, case.sigma)
+    for name, like, a, e in zip(names, likes, got, expected):
+        if like is None:
+            assert a is None and e is None, f"{what}: grad_{name} must be None for bilinear"
+            continue
+        assert a.shape == like.shape, f"{what}: grad_{name} shape {a.shape}, expected the input's {like.shape}"
+        assert_close(a, e, what=f"{what}: grad_{name}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_conv_matches_reference(backend):
+    @for_cases(backend, conv_cases, max_examples=EXAMPLES)
+    def prop(case):
+        out = case.conv(backend)
+        assert type(out) is np.ndarray
+        assert_close(out, case.conv("numpy"), what="output")
+        g = case.grad_output()
+        _check_grads(case.conv_grad(g, backend), case.conv_grad(g, "numpy"), case, "conv_grad")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_conv_matches_torch_on_the_constructed_kernel(backend):
+    """float64: output and grad_input against torch autograd, the other gradients against
+    construct_grad of torch's dL/dK."""
+
+    @for_cases(backend, conv_cases, dtypes=("float64",), max_examples=EXAMPLES // 2)
+    def prop(case):
+        kernel = case.kernel()
+        fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[len(case.sizes) - 1]
+        x = torch.tensor(np.array(case.input), requires_grad=True)
+        k = torch.tensor(kernel, requires_grad=True)
+        expected = fn(x, k, stride=case.stride, padding=case.padding, groups=case.groups)
+        got = case.conv(backend)
+        assert_close(got, expected.detach().numpy(), what="output vs torch")
+        g = case.grad_output()
+        expected.backward(torch.from_numpy(g))
+        grads = case.conv_grad(g, backend)
+        assert_close(grads[0], x.grad.numpy(), what="grad_input vs torch")
+        through_k = ndcls.construct_grad(
+            k.grad.numpy(), case.weight, case.positions, case.sizes, backend="numpy",
+            sigma=case.sigma, interpolation=case.interpolation, learned_dims=case.learned_dims,
+        )  # fmt: skip
+        for name, a, e in zip(("weight", "positions", "sigma"), grads[1:], through_k):
+            if e is not None:
+                assert_close(a, e, what=f"grad_{name} vs construct_grad(torch dL/dK)")
+
+
+def _smooth(case):
+    """Positions and widths away from the kinks of bilinear and triangle (float64)."""
+    rng = np.random.default_rng(case.seed + 3)
+    rows = np.array([case.sizes[a] for a in case.learned_dims], dtype=np.float64)
+    rows = rows.reshape((-1,) + (1,) * (case.positions.ndim - 1))
+    cell = np.floor(rng.random(case.positions.shape) * (rows + 1)) - 1
+    p = cell + 0.15 + 0.7 * rng.random(case.positions.shape)
+    s = case.sigma
+    if case.interpolation == "triangle":  # p +- s stays >= 0.05 away from integers
+        s = rng.integers(1, 3, size=s.shape) + 0.1 * rng.random(s.shape)
+    return p, s
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_conv_gradients_match_finite_differences(backend):
+    @for_cases(backend, conv_cases, dtypes=("float64",), noncontiguous=False, max_examples=EXAMPLES // 2)
+    def prop(case):
+        p, s = _smooth(case)
+        x, w = case.input, case.weight
+        g = case.grad_output()
+
+        def loss(x_, w_, p_, s_):
+            return float((case.conv(backend, input=x_, weight=w_, positions=p_, sigma=s_) * g).sum())
+
+        grads = case.conv_grad(g, backend, positions=p, sigma=s)
+        rng = np.random.default_rng(case.seed + 5)
+        params = [("input", x), ("weight", w), ("positions", p)] + ([("sigma", s)] if s is not None else [])
+        for i, (name, value) in enumerate(params):
+            v = rng.standard_normal(value.shape)
+            plus, minus = [x, w, p, s], [x, w, p, s]
+            plus[i] = value + FD_STEP * v
+            minus[i] = value - FD_STEP * v
+            numeric = (loss(*plus) - loss(*minus)) / (2 * FD_STEP)
+            analytic = float((grads[i] * v).sum())
+            scale = max(1.0, float(np.abs(grads[i]).sum()) * float(np.abs(v).max(initial=0.0)))
+            assert abs(numeric - analytic) <= FD_RTOL * scale, f"d/d{name}: finite difference {numeric}, analytic {analytic}"
+
+
+_BAD_POSITIONS = {np.float64: [np.nan, np.inf, -np.inf, 1e30, -1e300], np.float32: [np.nan, np.inf, -np.inf, 1e30, -3e38]}
+_BAD_SIGMAS = [np.nan, np.inf, 0.0, -1.0, 1e-30, 1e4]
+_GUARD = 64
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_nonfinite_positions_never_write_outside_the_output(backend):
+    from ndcls._api import _prepare_conv
+
+    @for_cases(backend, conv_cases, noncontiguous=False, max_examples=EXAMPLES)
+    def prop(case):
+        p, s = poison(case, case.seed + 11, _BAD_POSITIONS[case.dtype.type], _BAD_SIGMAS)
+        options = case.kwargs(backend=backend)
+        del options["sigma"]
+        call = _prepare_conv("conv", case.input, case.weight, p, s, None, case.sizes, options)
+        spec = call.spec
+        size = math.prod(spec.output_shape)
+        sentinel = np.array(-12345.0, dtype=case.dtype)
+        buffer = np.full(size + 2 * _GUARD, sentinel, dtype=case.dtype)
+        out = buffer[_GUARD : _GUARD + size].reshape(spec.output_shape)
+        call.impl(spec, call.input, call.weight, call.positions, call.sigma, out=out)
+        np.testing.assert_array_equal(buffer[:_GUARD], sentinel, err_msg="write before the output")
+        np.testing.assert_array_equal(buffer[-_GUARD:], sentinel, err_msg="write after the output")
+        assert_close(out, case.conv("numpy", positions=p, sigma=s), what="output with poisoned elements")
+        g = case.grad_output()
+        got = case.conv_grad(g, backend, positions=p, sigma=s)
+        names = ("input", "weight", "positions", "sigma")
+        for name, a, e in zip(names, got, case.conv_grad(g, "numpy", positions=p, sigma=s)):
+            if e is not None:
+                assert not np.isinf(a).any(), f"grad_{name} must be finite or NaN"
+                assert_close(a, e, what=f"grad_{name} with poisoned elements")
+
+
+# -- edge cases and properties -----------------------------------------------------------------------
+
+
+def _simple(rng, **over):
+    kw = dict(x=(2, 4, 9, 7), w=(6, 2, 3), sizes=(5, 4), groups=2)
+    kw.update(over)
+    x = rng.standard_normal(kw["x"])
+    w = rng.standard_normal(kw["w"])
+    p = rng.uniform(0, 3, size=(2, *kw["w"]))
+    return x, w, p, kw["sizes"], kw["groups"]
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_empty_batch_and_size_one_kernel(backend):
+    rng = np.random.default_rng(0)
+    x, w, p, sizes, groups = _simple(rng, x=(0, 4, 9, 7))
+    out = ndcls.conv(x, w, p, sizes, groups=groups, backend=backend)
+    assert out.shape == (0, 6, 5, 4)
+    gx, gw, gp, _ = ndcls.conv_grad(out, x, w, p, sizes, groups=groups, backend=backend)
+    assert gx.shape == x.shape and not gw.any() and not gp.any()
+    # a 1x1 kernel with every element at 0: a grouped 1x1 convolution by the summed weights
+    x, w, p, _, groups = _simple(rng)
+    p = np.zeros_like(p)
+    out = ndcls.conv(x, w, p, (1, 1), groups=groups, backend=backend)
+    k = torch.from_numpy(w.sum(-1)[..., None, None])
+    assert_close(out, torch.nn.functional.conv2d(torch.from_numpy(x), k, groups=groups).numpy(), what="1x1")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_conv_is_deterministic(backend):
+    rng = np.random.default_rng(1)
+    x, w, p, sizes, groups = _simple(rng)
+    s = rng.uniform(0.5, 2.0, size=p.shape)
+    kw = dict(sigma=s, interpolation="gauss", groups=groups, padding="same", backend=backend)
+    first = ndcls.conv(x, w, p, sizes, **kw)
+    np.testing.assert_array_equal(ndcls.conv(x, w, p, sizes, **kw), first)
+    g = rng.standard_normal(first.shape)
+    for a, b in zip(ndcls.conv_grad(g, x, w, p, sizes, **kw), ndcls.conv_grad(g, x, w, p, sizes, **kw)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_torch_tensors_in_torch_tensors_out():
+    rng = np.random.default_rng(2)
+    x, w, p, sizes, groups = _simple(rng)
+    args = [torch.from_numpy(a) for a in (x, w, p)]
+    out = ndcls.conv(*args, sizes, groups=groups, backend=DEFAULT)
+    assert isinstance(out, torch.Tensor)
+    assert_close(out.numpy(), ndcls.conv(x, w, p, sizes, groups=groups, backend="numpy"), what="torch output")
+    grads = ndcls.conv_grad(out, *args, sizes, groups=groups, backend=DEFAULT)
+    assert all(isinstance(a, torch.Tensor) for a in grads[:3]) and grads[3] is None
+
+
+# -- the Gaussian cut and the cost model ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, widths", [("float32", 5.8), ("float64", 8.6)])
+def test_gauss_cut_is_the_rounding_of_the_peak(dtype, widths):
+    r = ndcls.gauss_cut(dtype)
+    assert abs(r - widths) < 0.05
+    unit_roundoff = np.finfo(dtype).eps / 2
+    assert math.isclose(math.exp(-0.5 * r * r), unit_roundoff, rel_tol=1e-9)
+    # one cell past the cut is invisible next to the peak in this precision
+    peak = np.array(1.0, dtype=dtype)
+    assert peak + np.array(math.exp(-0.5 * (r + 1e-3) ** 2), dtype=dtype) == peak
+
+
+def test_conv_cost_counts_taps_against_cells():
+    x, w, p = np.zeros((2, 64, 8000)), np.zeros((64, 64, 3)), np.zeros((1, 64, 64, 3))
+    spec = ndcls.ConvSpec.from_arguments(
+        input_shape=x.shape, input_dtype=x.dtype, weight_shape=w.shape, weight_dtype=w.dtype,
+        positions_shape=p.shape, positions_dtype=p.dtype, sizes=(1025,), interpolation="bilinear",
+        learned_dims=None, padding="same",
+    )  # fmt: skip
+    cost = spec.cost()
+    outputs = 2 * 8000
+    assert cost["taps"] == 2 and cost["elements"] == 64 * 64 * 3
+    assert cost["direct"] == outputs * 64 * 64 * 3 * 2
+    assert cost["construct"] == 64 * 64 * 3 * 2 + outputs * 64 * 64 * 1025
+    assert spec.out_spatial == (8000,)
+    gauss = spec.cost(sigma=0.5)  # interpolation is a field of the spec: same spec, widths only matter for gauss
+    assert gauss == cost
+
+
+# -- validation before any kernel ----------------------------------------------------------------------
+
+_rng = np.random.default_rng(0)
+X = _rng.standard_normal((2, 4, 9, 7))
+W = _rng.standard_normal((6, 2, 3))
+P = _rng.uniform(0, 3, size=(2, 6, 2, 3))
+
+
+def _conv(**over):
+    kw = dict(input=X, weight=W, positions=P, sizes=(5, 4), groups=2)
+    kw.update(over)
+    return ndcls.conv(kw.pop("input"), kw.pop("weight"), kw.pop("positions"), kw.pop("sizes"), **kw)
+
+
+BAD = {
+    "groups do not divide in_channels": (dict(groups=3, weight=W[:, :1], positions=P[:, :, :1]), ValueError, r"in_channels \(4, input axis 1\) .* divisible by groups \(3\)"),
+    "weight axis 1 wrong": (dict(groups=1), ValueError, r"weight axis 1 must be in_channels // groups = 4 // 1 = 4, got 2"),
+    "spatial smaller than kernel": (dict(input=X[..., :3]), ValueError, r"input spatial axis 1 has size 3, smaller than the kernel size 4"),
+    "input rank": (dict(input=X[0]), ValueError, r"input must have shape \(batch, in_channels, \*spatial\) with 2 spatial axes.*got \(4, 9, 7\)"),
+    "weight rank": (dict(weight=W[None], positions=P[:, None]), ValueError, r"weight must have shape \(out_channels, in_channels // groups, \*dense_sizes, count\)"),
+    "input dtype": (dict(input=X.astype(np.float32)), TypeError, r"input must have the dtype of weight \(float64\), got float32"),
+    "integer input": (dict(input=X.astype(np.int32)), TypeError, r"input must have the dtype of weight"),
+    "stride zero": (dict(stride=0), ValueError, r"stride\[0\] must be >= 1, got 0"),
+    "stride length": (dict(stride=(1, 1, 1)), ValueError, r"stride must be an int or 2 ints"),
+    "negative padding": (dict(padding=(1, -1)), ValueError, r"padding\[1\] must be >= 0, got -1"),
+    "unknown padding": (dict(padding="full"), ValueError, r"padding must be an int, 2 ints, 'valid' or 'same', got 'full'"),
+    "same with stride": (dict(padding="same", stride=2), ValueError, r"padding='same' needs stride 1"),
+    "groups zero": (dict(groups=0), ValueError, r"groups must be >= 1, got 0"),
+    "positions channels": (dict(positions=P[:, :3]), ValueError, r"positions must have shape .*got \(2, 3, 2, 3\)"),
+    "backend without conv": (dict(backend="cupy"), NotImplementedError, r"backend 'cupy' does not implement 'conv' yet; backends that do: \('numpy'"),
+}
+
+
+@pytest.mark.parametrize("name", BAD, ids=list(BAD))
+def test_bad_conv_input_raises_before_any_kernel(name, monkeypatch):
+    import ndcls._registry as registry
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel module was loaded before validation finished")
+
+    monkeypatch.setattr(registry.Backend, "load", boom)
+    monkeypatch.setattr(registry.importlib, "import_module", boom)
+    over, exc, pattern = BAD[name]
+    with pytest.raises(exc, match=pattern):
+        _conv(**over)
+
+
+def test_bad_grad_output_and_mixed_libraries():
+    with pytest.raises(ValueError, match=re.escape("grad_output must have the output's shape (2, 6, 5, 4), got (2, 6, 4, 5)")):
+        ndcls.conv_grad(np.zeros((2, 6, 4, 5)), X, W, P, (5, 4), groups=2)
+    with pytest.raises(TypeError, match="mixed array libraries"):
+        ndcls.conv(torch.from_numpy(X), W, P, (5, 4), groups=2)
+
+
+# -- threads -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_results_do_not_depend_on_threads(backend):
+    """Large enough to run in parallel (above SMALL_WORK): one thread, all threads, and two
+    Python threads at once (the kernels release the GIL) give identical results."""
+    import threading
+
+    import numba
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 8, 40, 40)).astype(np.float32)
+    w = rng.standard_normal((8, 4, 5)).astype(np.float32)
+    p = rng.uniform(0, 8, size=(2, 8, 4, 5)).astype(np.float32)
+    s = rng.uniform(0.5, 2, size=p.shape).astype(np.float32)
+    kw = dict(sigma=s, interpolation="gauss", groups=2, padding="same", backend=backend)
+    g = rng.standard_normal((2, 8, 40, 40)).astype(np.float32)
+
+    def run():
+        return (ndcls.conv(x, w, p, (9, 9), **kw), *ndcls.conv_grad(g, x, w, p, (9, 9), **kw))
+
+    threads = numba.get_num_threads()
+    reference = run()
+    numba.set_num_threads(1)
+    try:
+        single = run()
+    finally:
+        numba.set_num_threads(threads)
+    assert numba.get_num_threads() == threads
+    results = [None, None]
+
+    def worker(k):
+        results[k] = run()
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for other in (single, *results):
+        for a, b in zip(other, reference):
+            np.testing.assert_array_equal(a, b)
