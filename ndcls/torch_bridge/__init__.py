@@ -7,7 +7,7 @@ Imported explicitly (``import ndcls.torch_bridge``); ``import ndcls`` alone neve
   :class:`Dcls3_2d`, :class:`Dcls2dK1d` -- drop-in replacements for the reference ``dcls`` package.
 """
 
-from ndcls.torch_bridge._ops import construct
+from ndcls.torch_bridge._ops import construct, conv
 from ndcls.torch_bridge.layers import Dcls1d, Dcls2_1d, Dcls2d, Dcls2dK1d, Dcls3_1d, Dcls3_2d, Dcls3d
 
-__all__ = ["construct", "Dcls1d", "Dcls2d", "Dcls3d", "Dcls2_1d", "Dcls3_1d", "Dcls3_2d", "Dcls2dK1d"]
+__all__ = ["construct", "conv", "Dcls1d", "Dcls2d", "Dcls3d", "Dcls2_1d", "Dcls3_1d", "Dcls3_2d", "Dcls2dK1d"]
