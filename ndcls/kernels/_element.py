@@ -41,6 +41,26 @@ def support(kind, p, s, size):
     return int(first), int(last)
 
 
+def cut_support(kind, p, s, size, radius):
+    """:func:`support`, with a Gaussian cut to the cells within ``radius * s`` of ``p``.
+
+    ``radius`` is :func:`ndcls._spec.gauss_cut` of the working precision (inf: the whole axis):
+    beyond it the profile is below the rounding of the element's peak (docs/conv.md).
+    Bilinear and triangle supports are exact and ignore it. Self-contained (no calls), so it
+    compiles alike with ``numba.njit`` and as a CUDA device function.
+    """
+    if kind == BILINEAR:
+        first = float(math.floor(min(max(p, -2.0), size + 1.0)))
+        last = first + 1.0
+    else:
+        reach = s if kind == TRIANGLE else radius * s  # finite s > 0: positive, inf at most
+        first = float(math.ceil(min(max(p - reach, -2.0), size + 1.0)))
+        last = float(math.floor(min(max(p + reach, -2.0), size + 1.0)))
+    first = min(max(first, 0.0), float(size))
+    last = min(max(last + 1.0, 0.0), float(size))
+    return int(first), int(last)
+
+
 def bilinear_cell(p, size):
     """Lower corner ``floor(p)`` (an int) and fraction ``r = p - floor(p)`` of a finite position.
 

@@ -3,11 +3,13 @@
 One generic pair of kernels serves every N, M and interpolation. A bilinear element scatters
 (forward) or gathers (backward) its ``2**M`` corners directly. A triangle or Gaussian element
 gets a 1-D profile per learned axis over its support (the cells within ``sigma`` for triangle,
-the whole axis for gauss, built with 4 calls of ``exp`` by recurrence), and is scattered or
+the cells within the cut radius for gauss (``ndcls.gauss_cut``: beyond it every value is
+below the rounding of the element's peak), built with 4 calls of ``exp`` by recurrence), and is scattered or
 gathered over the product of those supports. No dense intermediate: the forward pass zeroes
 each batch block of ``K`` and adds into it while it is in cache; the backward writes each
 element's gradients once (no races, deterministic). Arithmetic is in float64 whatever the
-input dtype. The per-element maths is :mod:`ndcls.kernels._element`, inlined here.
+input dtype. The per-element maths is :mod:`ndcls.kernels._element`, inlined here; the per-element chain
+rule :func:`_element_grad` serves ``construct_grad`` and ``conv_grad`` (:mod:`.cpu_conv`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ndcls._spec import EPS
+from ndcls._spec import EPS, gauss_cut
 from ndcls.kernels import _element
 
 _valid = njit(cache=True, inline="always")(_element.element_valid)
-_support = njit(cache=True, inline="always")(_element.support)
+_cut_support = njit(cache=True, inline="always")(_element.cut_support)
 _fill = njit(cache=True, inline="always")(_element.fill_profile)
 _bilinear_cell = njit(cache=True, inline="always")(_element.bilinear_cell)
 _advance = njit(cache=True, inline="always")(_element.advance)
@@ -33,9 +35,10 @@ _FASTMATH = {"reassoc", "contract"}
 
 
 @njit(cache=True, inline="always")
-def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, with_grad):
+def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, with_grad, radius):
     """Profiles of element ``(b, d, c)`` along every learned axis; returns ``(status, Z)``.
 
+    A Gaussian is cut at ``radius`` widths (:func:`ndcls._spec.gauss_cut`; inf: whole axes).
     ``sums[0, j]``, ``sums[1, j]``, ``sums[2, j]``: sums of ``a``, ``da_dp``, ``da_ds`` along row j.
     """
     m = positions.shape[0]
@@ -46,7 +49,7 @@ def _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_d
     for j in range(m):
         p = positions[j, b, d, c]
         s = sigma[j, b, d, c]
-        lo[j], hi[j] = _support(kind, p, s, sizes[j])
+        lo[j], hi[j] = _cut_support(kind, p, s, sizes[j], radius)
         if lo[j] >= hi[j]:
             return _EMPTY, 1.0
         sums[0, j], sums[1, j], sums[2, j] = _fill(kind, p, s, lo[j], hi[j], a[j], da_dp[j], da_ds[j], with_grad)
@@ -83,7 +86,7 @@ def _corner_cell(k, corner, frac, sizes, strides, factors):
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets, sizes, strides, n_chunks):
+def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets, sizes, strides, n_chunks, radius):
     n_batch, n_dense, count = weight.shape
     m = positions.shape[0]
     last = m - 1
@@ -115,7 +118,9 @@ def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets
                                     value *= factors[j]
                                 out[dense_offsets[d] + offset] += value
                         continue
-                    status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False)
+                    status, z = _profiles(
+                        kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False, radius
+                    )
                     if status != _OK:
                         continue
                     scale = weight[b, d, c] / z
@@ -137,9 +142,63 @@ def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets
                             break
 
 
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _element_grad(normalised, g, base, strides, w, z, lo, hi, a, da_dp, da_ds, sums, idx, u, v):
+    """Chain rule of one element, from ``dL/dK`` over its support and its profiles (:func:`_profiles`).
+
+    ``dL/dK`` at learned cell ``idx`` (``lo <= idx < hi``) is ``g[base + sum_j idx[j] * strides[j]]``
+    (``construct_grad``: the kernel block; ``conv_grad``: the correlation at the element's taps).
+    Returns ``dL/dw``; leaves ``dL/dp_j`` in ``u[j]`` and ``dL/ds_j`` in ``v[j]``.
+    """
+    m = lo.shape[0]
+    last = m - 1
+    t = 0.0
+    u[:] = 0.0
+    v[:] = 0.0
+    idx[:] = lo
+    step = strides[last]
+    while True:
+        offset = base
+        outer = 1.0
+        for j in range(last):
+            offset += idx[j] * strides[j]
+            outer *= a[j, idx[j]]
+        h = 0.0  # sum over the last axis of G * a, G * da_dp, G * da_ds
+        h_p = 0.0
+        h_s = 0.0
+        for i in range(lo[last], hi[last]):
+            gi = g[offset + i * step]
+            h += gi * a[last, i]
+            h_p += gi * da_dp[last, i]
+            h_s += gi * da_ds[last, i]
+        t += outer * h
+        u[last] += outer * h_p
+        v[last] += outer * h_s
+        for k in range(last):
+            rest = h
+            for j in range(last):
+                if j != k:
+                    rest *= a[j, idx[j]]
+            u[k] += rest * da_dp[k, idx[k]]
+            v[k] += rest * da_ds[k, idx[k]]
+        if not _advance(idx, lo, hi, last):
+            break
+    for j in range(m):
+        if normalised:
+            others = 1.0
+            for k in range(m):
+                if k != j:
+                    others *= sums[0, k]
+            u[j] = _quotient_rule(w, t, z, u[j], sums[1, j], others)
+            v[j] = _quotient_rule(w, t, z, v[j], sums[2, j], others)
+        else:
+            u[j] = w * u[j]
+    return t / z
+
+
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _construct_grad(
-    kind, normalised, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s, dense_offsets, sizes, strides, n_chunks
+    kind, normalised, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s, dense_offsets, sizes, strides, n_chunks, radius
 ):
     n_batch, n_dense, count = weight.shape
     m = positions.shape[0]
@@ -193,7 +252,7 @@ def _construct_grad(
                             grad_p[j, b, d, c] = w * u[j]
                         continue
                     status, z = _profiles(
-                        kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True
+                        kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True, radius
                     )
                     if status != _OK:
                         fill = np.nan if status == _INVALID else 0.0
@@ -202,56 +261,19 @@ def _construct_grad(
                             grad_p[j, b, d, c] = fill
                             grad_s[j, b, d, c] = fill
                         continue
-                    t = 0.0
-                    u[:] = 0.0
-                    v[:] = 0.0
-                    idx[:] = lo
-                    step = strides[last]
-                    while True:
-                        offset = dense_offsets[d]
-                        outer = 1.0
-                        for j in range(last):
-                            offset += idx[j] * strides[j]
-                            outer *= a[j, idx[j]]
-                        h = 0.0  # sum over the last axis of G * a, G * da_dp, G * da_ds
-                        h_p = 0.0
-                        h_s = 0.0
-                        for i in range(lo[last], hi[last]):
-                            g = g_block[offset + i * step]
-                            h += g * a[last, i]
-                            h_p += g * da_dp[last, i]
-                            h_s += g * da_ds[last, i]
-                        t += outer * h
-                        u[last] += outer * h_p
-                        v[last] += outer * h_s
-                        for k in range(last):
-                            rest = h
-                            for j in range(last):
-                                if j != k:
-                                    rest *= a[j, idx[j]]
-                            u[k] += rest * da_dp[k, idx[k]]
-                            v[k] += rest * da_ds[k, idx[k]]
-                        if not _advance(idx, lo, hi, last):
-                            break
-                    w = weight[b, d, c]
-                    grad_w[b, d, c] = t / z
+                    grad_w[b, d, c] = _element_grad(
+                        normalised, g_block, dense_offsets[d], strides, weight[b, d, c], z, lo, hi, a, da_dp, da_ds, sums, idx, u, v
+                    )
                     for j in range(m):
-                        if normalised:
-                            others = 1.0
-                            for k in range(m):
-                                if k != j:
-                                    others *= sums[0, k]
-                            grad_p[j, b, d, c] = _quotient_rule(w, t, z, u[j], sums[1, j], others)
-                            grad_s[j, b, d, c] = _quotient_rule(w, t, z, v[j], sums[2, j], others)
-                        else:
-                            grad_p[j, b, d, c] = w * u[j]
+                        grad_p[j, b, d, c] = u[j]
+                        grad_s[j, b, d, c] = v[j]
 
 
 def _layout(spec):
     sizes = np.asarray(spec.learned_sizes, dtype=np.int64)
     strides = np.asarray(spec.learned_strides, dtype=np.int64)
     n_chunks = min(spec.n_batch, 4 * numba.get_num_threads())
-    return np.array(spec.dense_offsets), sizes, strides, n_chunks
+    return np.array(spec.dense_offsets), sizes, strides, n_chunks, gauss_cut(spec.dtype)
 
 
 def construct(spec, weight, positions, sigma, out=None):
