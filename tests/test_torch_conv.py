@@ -244,6 +244,17 @@ def test_taps_per_element():
     assert cost.taps_per_element("gauss", (5, 7), None) == 35  # unknown width: every cell
 
 
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
+@pytest.mark.parametrize("dtype", ("float32", "float64"))
+def test_taps_agree_with_the_kernels_estimate(interpolation, dtype):
+    from ndcls._spec import taps_per_element
+
+    for sizes in ((1,), (17,), (1025,), (3, 8), (9, 9, 9)):
+        for width in (0.1, 0.5, 0.99, 1.0, 1.5, 3.0, 40.0):
+            w = None if interpolation == "bilinear" else width
+            assert cost.taps_per_element(interpolation, sizes, w, dtype) == taps_per_element(interpolation, sizes, w, dtype)
+
+
 def test_estimate_scales_with_the_work():
     shape = dict(batch=2, out_channels=8, in_per_group=8, out_spatial=(100,), sizes=(251,), learned_dims=(0,),
                  count=2, interpolation="bilinear")

@@ -3,8 +3,12 @@
 Imported explicitly (``import ndcls.torch_bridge``); ``import ndcls`` alone never imports torch.
 
 * :func:`construct` -- the differentiable construction (a torch custom op, ``torch.compile``-able);
+* :func:`conv` -- the differentiable direct convolution (:func:`ndcls.conv`, without building the
+  kernel; a torch custom op as well);
 * layers :class:`Dcls1d`, :class:`Dcls2d`, :class:`Dcls3d`, :class:`Dcls2_1d`, :class:`Dcls3_1d`,
-  :class:`Dcls3_2d`, :class:`Dcls2dK1d` -- drop-in replacements for the reference ``dcls`` package.
+  :class:`Dcls3_2d`, :class:`Dcls2dK1d` -- drop-in replacements for the reference ``dcls`` package;
+  their ``method`` argument picks construct + dense convolution or the direct convolution
+  ("auto": a cost model, :mod:`ndcls.torch_bridge.cost`, chooses per call).
 """
 
 from ndcls.torch_bridge._ops import construct, conv

@@ -37,8 +37,10 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-#: gauss profile cut, in widths, per working precision: beyond it exp(-x**2 / 2) < eps / 2
-GAUSS_CUT = {"float32": 5.8, "float64": 8.6}
+from ndcls._spec import gauss_cut
+
+#: gauss profile cut, in widths, per working precision (the one :func:`ndcls.gauss_cut` the kernels use)
+GAUSS_CUT = {"float32": gauss_cut("float32"), "float64": gauss_cut("float64")}
 
 
 @dataclass(frozen=True)
@@ -75,14 +77,18 @@ def direct_available(device: str) -> bool:
 
 def taps_per_element(interpolation: str, learned_sizes: Sequence[int], width: Optional[float] = None,
                      dtype: str = "float32") -> int:
-    """Cells one element touches: ``2**M`` (bilinear) or its (cut) support, capped by the kernel."""
-    # plain loops, no generator expressions: torch.compile traces this (layers call it in forward)
+    """Cells one element touches: ``2**M`` (bilinear) or its (cut) support, capped by the kernel.
+
+    The same count as ``ndcls._spec.taps_per_element`` (a test holds them equal), written with
+    plain loops on Python numbers: layers call it in ``forward``, where ``torch.compile`` traces
+    it, and dynamo cannot trace generator expressions or NumPy calls on Python floats.
+    """
     if interpolation == "bilinear":
         per_axis = 2
     elif width is None or not math.isfinite(width):
         per_axis = None  # unknown width: the whole kernel
     else:
-        reach = width if interpolation == "triangle" else GAUSS_CUT.get(dtype, GAUSS_CUT["float64"]) * width
+        reach = width * (1.0 if interpolation == "triangle" else GAUSS_CUT.get(dtype, GAUSS_CUT["float64"]))
         per_axis = 2 * math.ceil(reach) + 1
     taps = 1
     for s in learned_sizes:
