@@ -166,3 +166,5 @@ register_backend(
 
 register_operation("conv", "numpy", "ndcls.kernels.reference_conv")
 register_operation("conv_grad", "numpy", "ndcls.kernels.reference_conv")
+register_operation("conv", "numba", "ndcls.kernels.cpu_conv")
+register_operation("conv_grad", "numba", "ndcls.kernels.cpu_conv")
