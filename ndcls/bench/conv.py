@@ -253,8 +253,9 @@ def calibrate(rows: list[dict], tiny: Optional[dict] = None):
 
 def calibration_markdown(rows: list[dict], rates) -> str:
     """Achieved rates per row, and the route the given rates would pick against the measurement."""
-    lines = ["| case | interp | regime | dense GMAC/s | direct GMAC/s | pick with these rates | pick / faster |",
-             "|---|---|---|---:|---:|---|---:|"]
+    lines = ["| case | interp | regime | dense GMAC/s | direct GMAC/s | construct / direct, model | "
+             "construct / direct, measured | pick with these rates | pick / faster |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         if "direct_s" not in r:
             continue
@@ -264,7 +265,7 @@ def calibration_markdown(rows: list[dict], rates) -> str:
         pick = "direct" if t_d < t_c else "construct"
         lines.append(f"| {r['case']} | {r['interpolation']} | {'mixing' if mixing else 'depthwise'} | "
                      f"{r['work_dense'] / r['construct_s'] / 1e9:.3g} | {r['work_direct'] / r['direct_s'] / 1e9:.3g} | "
-                     f"{pick} | {r[f'{pick}_s'] / min(r['direct_s'], r['construct_s']):.2f} |")
+                     f"{t_c / t_d:.2f} | {r['construct_s'] / r['direct_s']:.2f} | {pick} | {r[f'{pick}_s'] / min(r['direct_s'], r['construct_s']):.2f} |")
     lines += ["", "Rates (multiply-adds per second of forward + backward; seconds per call):", "",
               "```python", repr(rates), "```"]
     return "\n".join(lines)

@@ -229,7 +229,7 @@ def _conv_section(st: Settings) -> Section:
     from ndcls.bench import conv as conv_bench
 
     cases = conv_bench.QUICK_CASES if st.quick else conv_bench.CASES
-    warmup, repeats = (1, 2) if st.quick else (1, 5)
+    warmup, repeats = (1, 2) if st.quick else (1, 3)
     rows = conv_bench.run(cases, warmup=warmup, repeats=repeats, reference=st.reference, progress=st.progress)
     tiny = conv_bench.measure(conv_bench.TINY_CASE, warmup=2, repeats=5 if st.quick else 20, reference=False,
                               memory=False)
