@@ -147,10 +147,11 @@ def test_nonfinite_positions_never_write_outside_the_output(backend):
         assert_close(out, case.conv("numpy", positions=p, sigma=s), what="output with poisoned elements")
         g = case.grad_output()
         got = case.conv_grad(g, backend, positions=p, sigma=s)
-        for a, e in zip(got, case.conv_grad(g, "numpy", positions=p, sigma=s)):
+        names = ("input", "weight", "positions", "sigma")
+        for name, a, e in zip(names, got, case.conv_grad(g, "numpy", positions=p, sigma=s)):
             if e is not None:
-                assert not np.isinf(a).any(), "gradients must be finite or NaN"
-                assert_close(a, e, what="gradient with poisoned elements")
+                assert not np.isinf(a).any(), f"grad_{name} must be finite or NaN"
+                assert_close(a, e, what=f"grad_{name} with poisoned elements")
 
 
 # -- edge cases and properties -----------------------------------------------------------------------

@@ -42,10 +42,11 @@ def support(kind, p, s, size):
 
 
 def cut_support(kind, p, s, size, radius):
-    """:func:`support`, with a Gaussian cut to the cells within ``radius * s`` of ``p``.
+    """:func:`support`, with a Gaussian cut where the profile falls below the rounding of the
+    element's peak inside the kernel: about ``radius * s`` from ``p`` when ``p`` is inside.
 
-    ``radius`` is :func:`ndcls._spec.gauss_cut` of the working precision (inf: the whole axis):
-    beyond it the profile is below the rounding of the element's peak (docs/conv.md).
+    ``radius`` is :func:`ndcls._spec.gauss_cut` of the working precision (inf: the whole
+    axis). An element more than 40 widths outside the kernel is empty (docs/conv.md).
     Bilinear and triangle supports are exact and ignore it. Self-contained (no calls), so it
     compiles alike with ``numba.njit`` and as a CUDA device function.
     """
@@ -53,7 +54,15 @@ def cut_support(kind, p, s, size, radius):
         first = float(math.floor(min(max(p, -2.0), size + 1.0)))
         last = first + 1.0
     else:
-        reach = s if kind == TRIANGLE else radius * s  # finite s > 0: positive, inf at most
+        reach = s  # triangle
+        if kind == GAUSS:
+            # The element's peak inside the kernel is at the cell nearest p, `gap` cells from p;
+            # a cell is cut once its value is below unit roundoff times that peak:
+            # (i - p)**2 > (radius * s)**2 + gap**2. Past 40 widths every value is 0 in float64.
+            gap = max(0.0, -p, p - (size - 1.0))
+            if gap > 40.0 * s:
+                return 0, 0
+            reach = math.sqrt((radius * s) * (radius * s) + gap * gap) if radius * s < 1e150 else radius * s
         first = float(math.ceil(min(max(p - reach, -2.0), size + 1.0)))
         last = float(math.floor(min(max(p + reach, -2.0), size + 1.0)))
     first = min(max(first, 0.0), float(size))
