@@ -18,17 +18,6 @@ from _tolerances import assert_close  # noqa: E402
 INTERPOLATIONS = ("bilinear", "triangle", "gauss")
 
 
-@pytest.fixture(autouse=True)
-def _direct_backend(monkeypatch):
-    """Run the direct route on the NumPy reference while the default CPU backend has no conv."""
-    if not cost.direct_available("cpu"):
-        for name in ("conv", "conv_grad"):
-            real = getattr(ndcls, name)
-            monkeypatch.setattr(ndcls, name, lambda *a, _real=real, **k: _real(*a, **{**k, "backend": "numpy"}))
-            monkeypatch.setattr(cost, "direct_available", lambda device: device == "cpu")
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
 def _params(out_ch, in_per_group, sizes, learned, count, *, share=False, dtype=torch.float64, seed=0):
     """Weight, positions away from integers and borders (no bilinear or triangle kink nearby), widths."""
     g = torch.Generator().manual_seed(seed)
