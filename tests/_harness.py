@@ -48,15 +48,17 @@ def budget(backend: str) -> Budget:
     return _HARNESS.get(backend, ((), Budget()))[1]
 
 
-def for_cases(backend: str, strategy_factory, **case_kwargs):
-    """Run ``prop(case)`` over cases drawn by ``strategy_factory(**kwargs)`` within the backend's budget."""
+def for_cases(backend: str, strategy_factory, *, max_examples=None, **case_kwargs):
+    """Run ``prop(case)`` over cases drawn by ``strategy_factory(**kwargs)`` within the backend's
+    budget (and at most ``max_examples``, for properties whose cases are costly)."""
     b = budget(backend)
     limits = {**case_kwargs, **{k: min(v, case_kwargs.get(k, v)) for k, v in b.case_limits.items()}}
+    caps = [n for n in (b.max_examples, max_examples) if n is not None]
 
     def decorate(prop):
         test = given(strategy_factory(**limits))(prop)
-        if b.max_examples is not None:
-            test = settings(settings(), max_examples=min(b.max_examples, settings().max_examples))(test)
+        if caps:
+            test = settings(settings(), max_examples=min(*caps, settings().max_examples))(test)
         return test()
 
     return decorate

@@ -23,6 +23,9 @@ ALL = backend_params("conv")
 DEFAULT = None if "numba" in [p.values[0] for p in ALL] else "numpy"  # the CPU default once it has conv
 FAST = [p for p in ALL if p.values[0] != "numpy"]
 
+# conv cases run the reference over every kernel cell: fewer examples than construction cases
+# keep this file within about a minute and a half on 2 cores once the kernels are compiled.
+EXAMPLES = 40
 FD_STEP = 1e-6
 FD_RTOL = 1e-6
 
@@ -42,7 +45,7 @@ def _check_grads(got, expected, case, what):
 
 @pytest.mark.parametrize("backend", FAST)
 def test_conv_matches_reference(backend):
-    @for_cases(backend, conv_cases)
+    @for_cases(backend, conv_cases, max_examples=EXAMPLES)
     def prop(case):
         out = case.conv(backend)
         assert type(out) is np.ndarray
@@ -61,7 +64,7 @@ def test_conv_matches_torch_on_the_constructed_kernel(backend):
     """float64: output and grad_input against torch autograd, the other gradients against
     construct_grad of torch's dL/dK."""
 
-    @for_cases(backend, conv_cases, dtypes=("float64",))
+    @for_cases(backend, conv_cases, dtypes=("float64",), max_examples=EXAMPLES // 2)
     def prop(case):
         kernel = case.kernel()
         fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[len(case.sizes) - 1]
@@ -98,7 +101,7 @@ def _smooth(case):
 
 @pytest.mark.parametrize("backend", ALL)
 def test_conv_gradients_match_finite_differences(backend):
-    @for_cases(backend, conv_cases, dtypes=("float64",), noncontiguous=False)
+    @for_cases(backend, conv_cases, dtypes=("float64",), noncontiguous=False, max_examples=EXAMPLES // 2)
     def prop(case):
         p, s = _smooth(case)
         x, w = case.input, case.weight
@@ -130,7 +133,7 @@ _GUARD = 64
 def test_nonfinite_positions_never_write_outside_the_output(backend):
     from ndcls._api import _prepare_conv
 
-    @for_cases(backend, conv_cases, noncontiguous=False)
+    @for_cases(backend, conv_cases, noncontiguous=False, max_examples=EXAMPLES)
     def prop(case):
         p, s = poison(case, case.seed + 11, _BAD_POSITIONS[case.dtype.type], _BAD_SIGMAS)
         options = case.kwargs(backend=backend)

@@ -7,7 +7,8 @@ the cells within the cut radius for gauss (``ndcls.gauss_cut``: beyond it every 
 below the rounding of the element's peak), built with 4 calls of ``exp`` by recurrence), and is scattered or
 gathered over the product of those supports. No dense intermediate: the forward pass zeroes
 each batch block of ``K`` and adds into it while it is in cache; the backward writes each
-element's gradients once (no races, deterministic). Arithmetic is in float64 whatever the
+element's gradients once (no races, deterministic). Small calls run on one thread and
+large ones claim loop iterations dynamically (:mod:`._threads`); the kernels release the GIL. Arithmetic is in float64 whatever the
 input dtype. The per-element maths is :mod:`ndcls.kernels._element`, inlined here; the per-element chain
 rule :func:`_element_grad` serves ``construct_grad`` and ``conv_grad`` (:mod:`.cpu_conv`).
 """
@@ -18,8 +19,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ndcls._spec import EPS, gauss_cut
+from ndcls._spec import EPS, gauss_cut, taps_per_element
 from ndcls.kernels import _element
+from ndcls.kernels._threads import threads_for
 
 _valid = njit(cache=True, inline="always")(_element.element_valid)
 _cut_support = njit(cache=True, inline="always")(_element.cut_support)
@@ -85,7 +87,7 @@ def _corner_cell(k, corner, frac, sizes, strides, factors):
     return offset
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _construct(kind, normalised, weight, positions, sigma, kernel, dense_offsets, sizes, strides, n_chunks, radius):
     n_batch, n_dense, count = weight.shape
     m = positions.shape[0]
@@ -196,7 +198,7 @@ def _element_grad(normalised, g, base, strides, w, z, lo, hi, a, da_dp, da_ds, s
     return t / z
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _construct_grad(
     kind, normalised, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s, dense_offsets, sizes, strides, n_chunks, radius
 ):
@@ -276,11 +278,18 @@ def _layout(spec):
     return np.array(spec.dense_offsets), sizes, strides, n_chunks, gauss_cut(spec.dtype)
 
 
+def _work(spec):
+    """Cells written plus element taps (a typical width of 1 for the normalised kinds)."""
+    taps = taps_per_element(spec.interpolation, spec.learned_sizes, None, spec.dtype)
+    return spec.n_batch * (spec.block + spec.n_dense * spec.count * taps)
+
+
 def construct(spec, weight, positions, sigma, out=None):
     kernel = np.empty((spec.n_batch, spec.block), dtype=spec.dtype) if out is None else out
     kind = _element.INTERPOLATION_CODES[spec.interpolation]
     sigma = positions if sigma is None else sigma
-    _construct(kind, spec.normalised, weight, positions, sigma, kernel, *_layout(spec))
+    with threads_for(_work(spec)):
+        _construct(kind, spec.normalised, weight, positions, sigma, kernel, *_layout(spec))
     return kernel
 
 
@@ -290,5 +299,6 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
     grad_s = np.empty_like(positions)
     kind = _element.INTERPOLATION_CODES[spec.interpolation]
     sigma_in = positions if sigma is None else sigma
-    _construct_grad(kind, spec.normalised, grad_kernel, weight, positions, sigma_in, grad_w, grad_p, grad_s, *_layout(spec))
+    with threads_for(2 * _work(spec)):
+        _construct_grad(kind, spec.normalised, grad_kernel, weight, positions, sigma_in, grad_w, grad_p, grad_s, *_layout(spec))
     return grad_w, grad_p, (grad_s if spec.normalised else None)

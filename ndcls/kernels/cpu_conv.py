@@ -29,6 +29,7 @@ from numba import njit, prange
 
 from ndcls._spec import gauss_cut
 from ndcls.kernels import _element
+from ndcls.kernels._threads import threads_for
 from ndcls.kernels.cpu import _FASTMATH, _INVALID, _OK, _advance, _cut_support, _element_grad, _profiles, _valid
 
 
@@ -354,11 +355,19 @@ def _planes(a):
     return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
 
 
+def _work(spec, taps):
+    """Multiply-adds of one pass over every tap (upper estimate: windows cut by the borders count whole)."""
+    per_pair = taps.value.shape[0] * spec.batch * math.prod(spec.out_spatial)
+    return per_pair + spec.kernel.n_batch * spec.kernel.n_dense * spec.kernel.count
+
+
 def conv(spec, input, weight, positions, sigma, out=None):
-    taps = _Taps(spec, weight, positions, sigma)
+    with threads_for(spec.kernel.n_batch * spec.kernel.n_dense * spec.kernel.count * 4):
+        taps = _Taps(spec, weight, positions, sigma)
     if out is None:
         out = np.empty(spec.output_shape, dtype=spec.dtype)
-    _forward(_planes(input), _planes(out), taps.pair_start, taps.cell, taps.value, *_geometry(spec))
+    with threads_for(_work(spec, taps)):
+        _forward(_planes(input), _planes(out), taps.pair_start, taps.cell, taps.value, *_geometry(spec))
     return out
 
 
@@ -372,18 +381,22 @@ def _reduce(full, like, spec):
 
 def conv_grad(spec, grad_output, input, weight, positions, sigma):
     k = spec.kernel
-    taps = _Taps(spec, weight, positions, sigma)
+    with threads_for(k.n_batch * k.n_dense * k.count * 4):
+        taps = _Taps(spec, weight, positions, sigma)
     geometry = _geometry(spec)
+    work = _work(spec, taps)
     grad_input = np.empty(spec.input_shape, dtype=spec.dtype)
-    _grad_input(_planes(grad_output), _planes(grad_input), taps.pair_start, taps.cell, taps.value, *geometry)
+    with threads_for(work):
+        _grad_input(_planes(grad_output), _planes(grad_input), taps.pair_start, taps.cell, taps.value, *geometry)
     grad_tap = np.empty(taps.value.shape[0])
     grad_w = np.empty((k.n_batch, k.n_dense, k.count), dtype=spec.dtype)
     grad_p = np.empty(taps.positions.shape, dtype=spec.dtype)
     grad_s = np.empty(taps.positions.shape, dtype=spec.dtype)
-    _grad_elements(
-        taps.kind, taps.normalised, _planes(grad_output), _planes(input), taps.weight, taps.positions, taps.sigma,
-        taps.sizes, taps.radius, taps.start, taps.cell, *geometry, grad_tap, grad_w, grad_p, grad_s,
-    )  # fmt: skip
+    with threads_for(work):
+        _grad_elements(
+            taps.kind, taps.normalised, _planes(grad_output), _planes(input), taps.weight, taps.positions, taps.sigma,
+            taps.sizes, taps.radius, taps.start, taps.cell, *geometry, grad_tap, grad_w, grad_p, grad_s,
+        )  # fmt: skip
     return (
         grad_input,
         grad_w,
