@@ -16,6 +16,7 @@ from ndcls.torch_bridge.layers import VERSIONS  # noqa: E402
 from _tolerances import assert_close  # noqa: E402
 
 INTERPOLATIONS = ("bilinear", "triangle", "gauss")
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _params(out_ch, in_per_group, sizes, learned, count, *, share=False, dtype=torch.float64, seed=0):
