@@ -54,11 +54,6 @@ def test_conv_matches_reference(backend):
         _check_grads(case.conv_grad(g, backend), case.conv_grad(g, "numpy"), case, "conv_grad")
 
 
-def _torch_conv(case, kernel):
-    fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[len(case.sizes) - 1]
-    return fn
-
-
 @pytest.mark.parametrize("backend", ALL)
 def test_conv_matches_torch_on_the_constructed_kernel(backend):
     """float64: output and grad_input against torch autograd, the other gradients against
@@ -292,3 +287,48 @@ def test_bad_grad_output_and_mixed_libraries():
         ndcls.conv_grad(np.zeros((2, 6, 4, 5)), X, W, P, (5, 4), groups=2)
     with pytest.raises(TypeError, match="mixed array libraries"):
         ndcls.conv(torch.from_numpy(X), W, P, (5, 4), groups=2)
+
+
+# -- threads -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_results_do_not_depend_on_threads(backend):
+    """Large enough to run in parallel (above SMALL_WORK): one thread, all threads, and two
+    Python threads at once (the kernels release the GIL) give identical results."""
+    import threading
+
+    import numba
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 8, 40, 40)).astype(np.float32)
+    w = rng.standard_normal((8, 4, 5)).astype(np.float32)
+    p = rng.uniform(0, 8, size=(2, 8, 4, 5)).astype(np.float32)
+    s = rng.uniform(0.5, 2, size=p.shape).astype(np.float32)
+    kw = dict(sigma=s, interpolation="gauss", groups=2, padding="same", backend=backend)
+    g = rng.standard_normal((2, 8, 40, 40)).astype(np.float32)
+
+    def run():
+        return (ndcls.conv(x, w, p, (9, 9), **kw), *ndcls.conv_grad(g, x, w, p, (9, 9), **kw))
+
+    threads = numba.get_num_threads()
+    reference = run()
+    numba.set_num_threads(1)
+    try:
+        single = run()
+    finally:
+        numba.set_num_threads(threads)
+    assert numba.get_num_threads() == threads
+    results = [None, None]
+
+    def worker(k):
+        results[k] = run()
+
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for other in (single, *results):
+        for a, b in zip(other, reference):
+            np.testing.assert_array_equal(a, b)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -53,7 +54,7 @@ def _count_taps(kind, positions, sigma, sizes, radius, counts):
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
-def _fill_taps(kind, normalised, weight, positions, sigma, sizes, learned_axes, dense_axes, dense_cells, radius, start, tap_cell, tap_val):
+def _fill_taps(kind, normalised, weight, positions, sigma, sizes, learned_axes, dense_axes, dense_cells, radius, start, tap_cell, tap_val, n_chunks):
     """Cells (``tap_cell[t]``: one index per kernel axis) and values of every element's taps,
     element ``e = (b * n_dense + d) * count + c`` at ``[start[e], start[e + 1])``, its support
     box in C order (row 0 of ``positions`` slowest)."""
@@ -61,34 +62,35 @@ def _fill_taps(kind, normalised, weight, positions, sigma, sizes, learned_axes, 
     width = 1
     for j in range(m):
         width = max(width, sizes[j])
-    for b in prange(n_batch):
+    for chunk in prange(n_chunks):  # scratch per chunk of channel pairs, not per pair
         a = np.empty((m, width))
         sums = np.empty((3, m))
         lo = np.empty(m, np.int64)
         hi = np.empty(m, np.int64)
         idx = np.empty(m, np.int64)
-        for d in range(n_dense):
-            for c in range(count):
-                e = (b * n_dense + d) * count + c
-                t = start[e]
-                if start[e + 1] == t:
-                    continue
-                status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False, radius)
-                if status != _OK:  # cannot happen when the count was > 0; kept as a guard
-                    continue
-                scale = weight[b, d, c] / z
-                idx[:] = lo
-                while True:
-                    value = scale
-                    for j in range(m):
-                        value *= a[j, idx[j]]
-                        tap_cell[t, learned_axes[j]] = idx[j]
-                    for q in range(dense_axes.shape[0]):
-                        tap_cell[t, dense_axes[q]] = dense_cells[d, q]
-                    tap_val[t] = value
-                    t += 1
-                    if not _advance(idx, lo, hi, m):
-                        break
+        for b in range(chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks):
+            for d in range(n_dense):
+                for c in range(count):
+                    e = (b * n_dense + d) * count + c
+                    t = start[e]
+                    if start[e + 1] == t:
+                        continue
+                    status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False, radius)
+                    if status != _OK:  # cannot happen when the count was > 0; kept as a guard
+                        continue
+                    scale = weight[b, d, c] / z
+                    idx[:] = lo
+                    while True:
+                        value = scale
+                        for j in range(m):
+                            value *= a[j, idx[j]]
+                            tap_cell[t, learned_axes[j]] = idx[j]
+                        for q in range(dense_axes.shape[0]):
+                            tap_cell[t, dense_axes[q]] = dense_cells[d, q]
+                        tap_val[t] = value
+                        t += 1
+                        if not _advance(idx, lo, hi, m):
+                            break
 
 
 @njit(cache=True, inline="always")
@@ -131,9 +133,7 @@ def _forward(x, out, pair_start, tap_cell, tap_val, group_in, group_out, stride,
     last = nd - 1
     xs = _c_strides(xshape)
     ys = _c_strides(yshape)
-    for job in prange(n_batch * n_out):
-        n = job // n_out
-        o = job % n_out
+    for o in prange(n_out):  # one task per output channel: its planes for every batch index
         g = o // group_out
         count = np.empty(nd, np.int64)
         zero = np.zeros(nd, np.int64)
@@ -141,32 +141,34 @@ def _forward(x, out, pair_start, tap_cell, tap_val, group_in, group_out, stride,
         step = np.empty(nd, np.int64)
         for a in range(nd):
             step[a] = stride[a] * xs[a]
-        plane = out[n, o]
-        plane[:] = 0
+        for n in range(n_batch):
+            out[n, o, :] = 0
         sl = step[last]
         for i in range(group_in):
-            src = x[n, g * group_in + i]
             pair = o * group_in + i
             for t in range(pair_start[pair], pair_start[pair + 1]):
                 ok, s0, d0 = _tap_window(tap_cell[t], stride, pad, xshape, yshape, xs, ys, count)
                 if not ok:
                     continue
                 v = tap_val[t]
-                idx[:] = 0
-                while True:
-                    so = s0
-                    do = d0
-                    for a in range(last):
-                        so += idx[a] * step[a]
-                        do += idx[a] * ys[a]
-                    if sl == 1:
-                        for q in range(count[last]):
-                            plane[do + q] += v * src[so + q]
-                    else:
-                        for q in range(count[last]):
-                            plane[do + q] += v * src[so + q * sl]
-                    if not _advance(idx, zero, count, last):
-                        break
+                for n in range(n_batch):  # the tap's window is the same for every batch index
+                    src = x[n, g * group_in + i]
+                    plane = out[n, o]
+                    idx[:] = 0
+                    while True:
+                        so = s0
+                        do = d0
+                        for a in range(last):
+                            so += idx[a] * step[a]
+                            do += idx[a] * ys[a]
+                        if sl == 1:
+                            for q in range(count[last]):
+                                plane[do + q] += v * src[so + q]
+                        else:
+                            for q in range(count[last]):
+                                plane[do + q] += v * src[so + q * sl]
+                        if not _advance(idx, zero, count, last):
+                            break
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
@@ -177,9 +179,7 @@ def _grad_input(grad_out, grad_x, pair_start, tap_cell, tap_val, group_in, group
     last = nd - 1
     xs = _c_strides(xshape)
     ys = _c_strides(yshape)
-    for job in prange(n_batch * n_in):
-        n = job // n_in
-        ci = job % n_in
+    for ci in prange(n_in):  # one task per input channel: its planes for every batch index
         g = ci // group_in
         i = ci % group_in
         count = np.empty(nd, np.int64)
@@ -188,43 +188,45 @@ def _grad_input(grad_out, grad_x, pair_start, tap_cell, tap_val, group_in, group
         step = np.empty(nd, np.int64)
         for a in range(nd):
             step[a] = stride[a] * xs[a]
-        plane = grad_x[n, ci]
-        plane[:] = 0
+        for n in range(n_batch):
+            grad_x[n, ci, :] = 0
         sl = step[last]
         for oo in range(group_out):
             o = g * group_out + oo
-            src = grad_out[n, o]
             pair = o * group_in + i
             for t in range(pair_start[pair], pair_start[pair + 1]):
                 ok, x0, y0 = _tap_window(tap_cell[t], stride, pad, xshape, yshape, xs, ys, count)
                 if not ok:
                     continue
                 v = tap_val[t]
-                idx[:] = 0
-                while True:
-                    xo = x0
-                    yo = y0
-                    for a in range(last):
-                        xo += idx[a] * step[a]
-                        yo += idx[a] * ys[a]
-                    if sl == 1:
-                        for q in range(count[last]):
-                            plane[xo + q] += v * src[yo + q]
-                    else:
-                        for q in range(count[last]):
-                            plane[xo + q * sl] += v * src[yo + q]
-                    if not _advance(idx, zero, count, last):
-                        break
+                for n in range(n_batch):
+                    src = grad_out[n, o]
+                    plane = grad_x[n, ci]
+                    idx[:] = 0
+                    while True:
+                        xo = x0
+                        yo = y0
+                        for a in range(last):
+                            xo += idx[a] * step[a]
+                            yo += idx[a] * ys[a]
+                        if sl == 1:
+                            for q in range(count[last]):
+                                plane[xo + q] += v * src[yo + q]
+                        else:
+                            for q in range(count[last]):
+                                plane[xo + q * sl] += v * src[yo + q]
+                        if not _advance(idx, zero, count, last):
+                            break
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _grad_elements(
     kind, normalised, grad_out, x, weight, positions, sigma, sizes, radius, start, tap_cell,
-    group_in, group_out, stride, pad, xshape, yshape, grad_tap, grad_w, grad_p, grad_s,
+    group_in, group_out, stride, pad, xshape, yshape, grad_tap, grad_w, grad_p, grad_s, n_chunks,
 ):  # fmt: skip
     """Per channel pair: ``dL/dK`` at each tap (the correlation of the output gradient with the
     tap's input window over the batch) into ``grad_tap``, then each element's chain rule."""
-    m, n_batch_k, n_dense, count = positions.shape
+    m, n_pairs, n_dense, count = positions.shape
     n_batch = x.shape[0]
     nd = stride.shape[0]
     last = nd - 1
@@ -233,9 +235,7 @@ def _grad_elements(
     width = 1
     for j in range(m):
         width = max(width, sizes[j])
-    for pair in prange(n_batch_k):
-        o = pair // group_in
-        ci = (o // group_out) * group_in + pair % group_in
+    for chunk in prange(n_chunks):  # scratch per chunk of channel pairs, not per pair
         cnt = np.empty(nd, np.int64)
         zero = np.zeros(nd, np.int64)
         idx = np.zeros(nd, np.int64)
@@ -243,33 +243,6 @@ def _grad_elements(
         for a in range(nd):
             step[a] = stride[a] * xs[a]
         sl = step[last]
-        first_tap = start[pair * n_dense * count]
-        for t in range(first_tap, start[(pair + 1) * n_dense * count]):
-            ok, s0, d0 = _tap_window(tap_cell[t], stride, pad, xshape, yshape, xs, ys, cnt)
-            total = 0.0
-            if ok:
-                for n in range(n_batch):
-                    src = x[n, ci]
-                    gy = grad_out[n, o]
-                    idx[:] = 0
-                    while True:
-                        so = s0
-                        do = d0
-                        for a in range(last):
-                            so += idx[a] * step[a]
-                            do += idx[a] * ys[a]
-                        acc = 0.0
-                        if sl == 1:
-                            for q in range(cnt[last]):
-                                acc += gy[do + q] * src[so + q]
-                        else:
-                            for q in range(cnt[last]):
-                                acc += gy[do + q] * src[so + q * sl]
-                        total += acc
-                        if not _advance(idx, zero, cnt, last):
-                            break
-            grad_tap[t] = total
-        # the chain rule of every element of this pair, from dL/dK at its taps
         a_ = np.empty((m, width))
         da_dp = np.empty((m, width))
         da_ds = np.empty((m, width))
@@ -280,30 +253,64 @@ def _grad_elements(
         at = np.empty(m, np.int64)
         u = np.empty(m)
         v = np.empty(m)
-        for d in range(n_dense):
-            for c in range(count):
-                e = (pair * n_dense + d) * count + c
-                status, z = _profiles(kind, normalised, positions, sigma, pair, d, c, sizes, a_, da_dp, da_ds, sums, lo, hi, True, radius)
-                if status != _OK:
-                    fill = np.nan if status == _INVALID else 0.0
-                    grad_w[pair, d, c] = fill
+        for pair in range(chunk * n_pairs // n_chunks, (chunk + 1) * n_pairs // n_chunks):
+            o = pair // group_in
+            ci = (o // group_out) * group_in + pair % group_in
+            for t in range(start[pair * n_dense * count], start[(pair + 1) * n_dense * count]):
+                ok, s0, d0 = _tap_window(tap_cell[t], stride, pad, xshape, yshape, xs, ys, cnt)
+                total = 0.0
+                if ok:
+                    for n in range(n_batch):
+                        src = x[n, ci]
+                        gy = grad_out[n, o]
+                        idx[:] = 0
+                        while True:
+                            so = s0
+                            do = d0
+                            for a in range(last):
+                                so += idx[a] * step[a]
+                                do += idx[a] * ys[a]
+                            acc = 0.0
+                            if sl == 1:
+                                for q in range(cnt[last]):
+                                    acc += gy[do + q] * src[so + q]
+                            else:
+                                for q in range(cnt[last]):
+                                    acc += gy[do + q] * src[so + q * sl]
+                            total += acc
+                            if not _advance(idx, zero, cnt, last):
+                                break
+                grad_tap[t] = total
+            # the chain rule of every element of this pair, from dL/dK at its taps
+            for d in range(n_dense):
+                for c in range(count):
+                    e = (pair * n_dense + d) * count + c
+                    status, z = _profiles(kind, normalised, positions, sigma, pair, d, c, sizes, a_, da_dp, da_ds, sums, lo, hi, True, radius)
+                    if status != _OK:
+                        fill = np.nan if status == _INVALID else 0.0
+                        grad_w[pair, d, c] = fill
+                        for j in range(m):
+                            grad_p[j, pair, d, c] = fill
+                            grad_s[j, pair, d, c] = fill
+                        continue
+                    base = start[e]
+                    stride_j = 1
+                    for j in range(m - 1, -1, -1):  # the element's taps: its support box in C order
+                        box[j] = stride_j
+                        base -= lo[j] * stride_j
+                        stride_j *= hi[j] - lo[j]
+                    grad_w[pair, d, c] = _element_grad(normalised, grad_tap, base, box, weight[pair, d, c], z, lo, hi, a_, da_dp, da_ds, sums, at, u, v)
                     for j in range(m):
-                        grad_p[j, pair, d, c] = fill
-                        grad_s[j, pair, d, c] = fill
-                    continue
-                base = start[e]
-                stride_j = 1
-                for j in range(m - 1, -1, -1):  # the element's taps: its support box in C order
-                    box[j] = stride_j
-                    base -= lo[j] * stride_j
-                    stride_j *= hi[j] - lo[j]
-                grad_w[pair, d, c] = _element_grad(normalised, grad_tap, base, box, weight[pair, d, c], z, lo, hi, a_, da_dp, da_ds, sums, at, u, v)
-                for j in range(m):
-                    grad_p[j, pair, d, c] = u[j]
-                    grad_s[j, pair, d, c] = v[j]
+                        grad_p[j, pair, d, c] = u[j]
+                        grad_s[j, pair, d, c] = v[j]
 
 
 # -- host side ----------------------------------------------------------------------------------------
+
+
+def _chunks(n_pairs):
+    """Chunks of channel pairs: many more than threads (claimed dynamically), none empty."""
+    return max(1, min(n_pairs, 16 * numba.get_num_threads()))
 
 
 class _Taps:
@@ -322,6 +329,7 @@ class _Taps:
         self.positions = expand(positions)
         self.sigma = self.positions if sigma is None else expand(sigma)
         self.sizes = np.asarray(k.learned_sizes, dtype=np.int64)
+        self.n_chunks = _chunks(k.n_batch)
         self.radius = gauss_cut(k.dtype)
         counts = np.empty((k.n_batch, k.n_dense, k.count), dtype=np.int64)
         _count_taps(self.kind, self.positions, self.sigma, self.sizes, self.radius, counts)
@@ -336,7 +344,7 @@ class _Taps:
         _fill_taps(
             self.kind, self.normalised, self.weight, self.positions, self.sigma, self.sizes,
             np.array(k.learned_dims, dtype=np.int64), dense, np.ascontiguousarray(cells, dtype=np.int64),
-            self.radius, self.start, self.cell, self.value,
+            self.radius, self.start, self.cell, self.value, self.n_chunks,
         )  # fmt: skip
 
 
@@ -395,7 +403,7 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
     with threads_for(work):
         _grad_elements(
             taps.kind, taps.normalised, _planes(grad_output), _planes(input), taps.weight, taps.positions, taps.sigma,
-            taps.sizes, taps.radius, taps.start, taps.cell, *geometry, grad_tap, grad_w, grad_p, grad_s,
+            taps.sizes, taps.radius, taps.start, taps.cell, *geometry, grad_tap, grad_w, grad_p, grad_s, taps.n_chunks,
         )  # fmt: skip
     return (
         grad_input,
