@@ -60,12 +60,15 @@ def _bench(args) -> int:
 
     device = args.device or _default_device()
     command = "ndcls " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-    paths = report.run_all(
+    sections = args.sections.split(",") if args.sections else None
+    summary, paths = report.run_all(
         out=args.out, quick=args.quick, device=device, backend=args.backend, reference=not args.no_reference,
-        command=command, progress=_tqdm(desc="bench", unit="case"),
+        command=command, progress=_tqdm(desc="bench", unit="case", leave=False), sections=sections,
     )
-    for p in paths:
-        print(f"written: {p}")
+    for line in summary:
+        print(line)
+    print("tables: " + paths[0] + "; raw measurements: " + paths[1]
+          + "".join(f"; {os.path.basename(p)}: {p}" for p in paths[2:]))
     return 0
 
 
@@ -109,16 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     b = sub.add_parser(
-        "bench", help="construction and layer benchmarks vs the reference implementation and dense convolution",
-        description="Runs the construction benchmark (ndcls vs the reference dcls package), the ConvNeXt "
-        "block benchmark and a sweep over dilated kernel sizes; prints the tables and writes "
-        "OUT/benchmarks.md and OUT/bench.png.",
+        "bench", help="construction, layer, direct-convolution and threading benchmarks (vs the reference and dense conv)",
+        description="Runs the benchmark sections (construction vs the reference dcls package, ConvNeXt block, "
+        "sweep over dilated kernel sizes, direct convolution vs construct + dense convolution with the cost "
+        "model's calibration, CPU threading), writes the tables to OUT/benchmarks.md, the raw measurements to "
+        "OUT/results.json and the sweep's plot to OUT/bench.png, and prints a short summary.",
     )
     b.add_argument("--quick", action="store_true", help="small CI-sized run (seconds)")
     b.add_argument("--out", default="ndcls-bench", help="folder for benchmarks.md and bench.png (default ./ndcls-bench)")
     b.add_argument("--device", default=None, help="torch device of the layer benchmarks (default: cuda when available)")
     b.add_argument("--backend", default=None, help="ndcls backend of the construction benchmark (default: the host arrays' default)")
     b.add_argument("--no-reference", action="store_true", help="skip the reference implementation even if installed")
+    b.add_argument("--sections", default=None,
+                   help="comma-separated subset of: construct, layer, sweep, conv, threads (default: all)")
     b.set_defaults(func=_bench, argv=None)
 
     c = sub.add_parser(

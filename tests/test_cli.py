@@ -1,5 +1,6 @@
 """The ``ndcls`` command: --help without heavy imports, ``demo`` and ``bench --quick`` write their files."""
 
+import json
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_demo_command_writes_png(tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
-def test_bench_quick_writes_markdown_and_png(tmp_path):
+def test_bench_quick_writes_files_and_prints_a_summary(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
@@ -60,7 +61,22 @@ def test_bench_quick_writes_markdown_and_png(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     md = (tmp_path / "benchmarks.md").read_text()
     for needle in ("date:", "machine:", "command: `ndcls bench --quick", "## Kernel construction",
-                   "## ConvNeXt block", "## Cost against the dilated kernel size", "bench.png"):
+                   "## ConvNeXt block", "## Cost against the dilated kernel size", "bench.png",
+                   "## Direct convolution", "### Cost model", "## CPU threads", "two Python threads", "## Host overhead per call"):
         assert needle in md, needle
     png = tmp_path / "bench.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert set(raw["sections"]) == {"construct", "layer", "sweep", "conv", "threads", "overhead"}
+    # stdout: a short summary and where the tables are, no tables; no log lines of the reference anywhere
+    assert "|---" not in res.stdout and len(res.stdout.splitlines()) < 20, res.stdout
+    assert str(tmp_path / "benchmarks.md") in res.stdout
+    assert "WARNING" not in res.stdout + res.stderr
+
+
+def test_bench_sections_option(tmp_path):
+    pytest.importorskip("torch")
+    from ndcls.bench import report
+
+    with pytest.raises(ValueError, match="unknown sections"):
+        report.run_all(str(tmp_path), quick=True, sections=["construct", "nope"])

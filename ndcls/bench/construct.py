@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ndcls.bench._util import reference_modules
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -107,8 +109,8 @@ def measure_fill(shape, repeats=5):
 def _reference_layer(shape: LayerShape, interpolation: str):
     """A reference ``Dcls{1,2,3}d`` layer with ndcls's inputs mapped onto its parameters."""
     import torch
-    from DCLS.construct import modules
 
+    modules = reference_modules()
     n = len(shape.sizes)
     cls = {1: modules.Dcls1d, 2: modules.Dcls2d, 3: modules.Dcls3d}[n]
     groups = shape.out_channels if shape.in_per_group == 1 else 1
@@ -205,12 +207,7 @@ def peak_bytes(impl, shape, interpolation):
 
 
 def reference_available() -> bool:
-    try:
-        import DCLS.construct.modules  # noqa: F401
-        import torch  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return reference_modules() is not None
 
 
 def run(shapes=SHAPES, interpolations=("bilinear", "gauss"), backend=None, repeats=5, reference=True, progress=None):

@@ -7,7 +7,7 @@
   backward reads ``dL/dK`` and the element arrays and writes the gradients. The peak is the
   device's DRAM bandwidth from its memory clock and bus width.
 * :func:`run`: that table plus the ConvNeXt block (ndcls vs the reference vs cuDNN dense
-  depthwise convolution, ``ndcls.torch_bridge.benchmark``) on ``cuda``, as markdown with the
+  depthwise convolution, ``ndcls.bench.layer``) on ``cuda``, as markdown with the
   device and date; :func:`write_docs` puts it into ``docs/benchmarks.md``.
 
 Used by ``ndcls bench --device cuda`` and ``benchmarks/bench_gpu.py``.
@@ -143,7 +143,7 @@ def run(quick: bool = False, progress=None, command: str = "python benchmarks/be
         "",
     ]
     from ndcls.bench.report import LAYER, QUICK_LAYER
-    from ndcls.torch_bridge.benchmark import default_cases, markdown_table, run_cases
+    from ndcls.bench.layer import default_cases, markdown_table, run_cases
 
     settings = dict(QUICK_LAYER if quick else LAYER)
     if not quick:

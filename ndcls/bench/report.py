@@ -1,27 +1,41 @@
-"""``ndcls bench``: every benchmark in one run, written as markdown and a PNG.
+"""``ndcls bench``: the benchmarks of ndcls, run as sections of one report.
 
-Three parts, each reusing its own module:
+Every benchmark of the project lives in this package, one module per subject, and
+:data:`SECTIONS` lists them in the order ``ndcls bench`` runs them:
 
-* kernel construction, ndcls vs the reference implementation (:mod:`ndcls.bench.construct`);
-* a ConvNeXt block with a DCLS or dense depthwise convolution (``ndcls.torch_bridge.benchmark``);
-* a sweep over the dilated kernel size at a fixed count (:func:`size_sweep`): forward + backward
-  of the depthwise layer alone (ndcls ``Dcls2d``, the reference's ``Dcls2d``, a dense depthwise
-  ``nn.Conv2d`` of the same size) and of the kernel construction alone, to show how each cost
-  grows with the size.
+* ``construct``: kernel construction, ndcls vs the reference implementation (:mod:`ndcls.bench.construct`);
+* ``layer``: a ConvNeXt block with a DCLS or dense depthwise convolution (:mod:`ndcls.bench.layer`);
+* ``sweep``: the dilated kernel size at a fixed count (:func:`size_sweep`): forward + backward of
+  the depthwise layer alone (ndcls ``Dcls2d``, the reference's ``Dcls2d``, a dense depthwise
+  ``nn.Conv2d`` of the same size) and of the kernel construction alone;
+* ``conv``: the direct convolution against construct + dense convolution in the layers, with the
+  cost model's calibration (:mod:`ndcls.bench.conv`);
+* ``threads``: CPU threading of the kernels, idle and busy machine, Python threads (:mod:`ndcls.bench.threads`);
+* ``overhead``: host time per call for a tiny kernel (:mod:`ndcls.bench.overhead`);
+* ``gpu``: construction bandwidth and the ConvNeXt block on a CUDA device (:mod:`ndcls.bench.gpu`;
+  by default only with ``--device cuda``).
 
-torch, matplotlib and the reference implementation are imported when :func:`run_all` runs.
+A section is a function ``(settings) -> Section``; adding a benchmark is one module and one
+entry in :data:`SECTIONS`. :func:`run_all` writes every table to ``OUT/benchmarks.md``, the raw
+measurements to ``OUT/results.json`` and the sweep's plot to ``OUT/bench.png``, and returns a
+few summary lines (what ``ndcls bench`` prints).
+
+torch, matplotlib and the reference implementation are imported when a section runs.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import json
 import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ndcls.bench import construct as construct_bench
+from ndcls.bench._util import reference_modules, silence_reference_logs
 
 #: sizes and settings of the sweep; QUICK_* for ``--quick``
 SWEEP_SIZES = (7, 11, 15, 19, 23, 27, 31)
@@ -64,8 +78,7 @@ def size_sweep(sizes=SWEEP_SIZES, *, count=34, channels=96, batch=8, input_size=
 
     reference = reference and construct_bench.reference_available()
     if reference:
-        logging.getLogger().setLevel(logging.ERROR)  # the reference logs about its CUDA-only kernel
-        from DCLS.construct.modules import Dcls2d as RefDcls2d
+        RefDcls2d = reference_modules().Dcls2d
     torch.manual_seed(0)
     x = torch.randn(batch, channels, input_size, input_size, device=device)
     rows = []
@@ -149,80 +162,181 @@ def machine_description(device: str) -> str:
     return ", ".join(parts)
 
 
+@dataclass
+class Settings:
+    out: str
+    quick: bool = False
+    device: str = "cpu"
+    backend: Optional[str] = None
+    reference: bool = True
+    progress: Optional[Callable] = None
+
+
+@dataclass
+class Section:
+    title: str
+    text: str  # markdown: what was measured, then the tables
+    rows: object  # raw measurements, written to results.json
+    summary: list = field(default_factory=list)  # lines for stdout
+    files: list = field(default_factory=list)  # extra files written (figures)
+
+
+def _construct_section(st: Settings) -> Section:
+    rows = construct_bench.run(
+        construct_bench.QUICK_SHAPES if st.quick else construct_bench.SHAPES,
+        ("gauss",) if st.quick else ("bilinear", "gauss"),
+        backend=st.backend, repeats=3 if st.quick else 5, reference=st.reference, progress=st.progress,
+    )
+    text = ("ndcls `construct` / `construct_grad` against the reference's kernel construction (float32, "
+            "median times; peak = extra resident memory of one forward + backward).\n\n" + construct_bench.markdown(rows))
+    summary = []
+    if rows and "reference_forward_s" in rows[0]:
+        speed = [(r["reference_forward_s"] + r["reference_backward_s"]) / (r["ndcls_forward_s"] + r["ndcls_backward_s"])
+                 for r in rows]
+        summary.append(f"construct: reference / ndcls, fwd+bwd: {min(speed):.0f}x to {max(speed):.0f}x over {len(rows)} cases")
+    return Section("Kernel construction", text, rows, summary)
+
+
+def _layer_section(st: Settings) -> Section:
+    from ndcls.bench.layer import default_cases, markdown_table, run_cases
+
+    settings = QUICK_LAYER if st.quick else LAYER
+    cases = default_cases(settings["channels"], settings["dilated"], settings["count"])
+    if not st.reference:
+        cases = {k: v for k, v in cases.items() if not k.startswith("reference")}
+    rows = run_cases(device=st.device, cases=cases, **settings)  # cases timed round-robin
+    b, c, n = settings["batch"], settings["channels"], settings["size"]
+    text = (f"Input ({b}, {c}, {n}, {n}); the block's depthwise convolution is DCLS (ndcls layers with their "
+            "default `method=\"auto\"`) or dense; forward + backward.\n\n" + markdown_table(rows, settings["dilated"]))
+    summary = [f"layer: ConvNeXt block, {r['case']}: {r['median_vs_dense_dilated']:.2f}x the dense "
+               f"{settings['dilated']}x{settings['dilated']} block" for r in rows if r["case"].startswith("ndcls")]
+    return Section("ConvNeXt block", text, rows, summary)
+
+
+def _sweep_section(st: Settings) -> Section:
+    sweep_settings = QUICK_SWEEP if st.quick else SWEEP
+    sizes = QUICK_SWEEP_SIZES if st.quick else SWEEP_SIZES
+    rows = size_sweep(sizes, device=st.device, backend=st.backend, reference=st.reference, progress=st.progress,
+                      **sweep_settings)
+    png = os.path.join(st.out, "bench.png")
+    c, b, n = sweep_settings["channels"], sweep_settings["batch"], sweep_settings["input_size"]
+    plot_sweep(rows, png, f"count {sweep_settings['count']}, {c} channels, input ({b}, {c}, {n}, {n}), "
+               f"{st.device}; {time.strftime('%Y-%m-%d %H:%M')}")
+    text = (f"Count {sweep_settings['count']} at every size; depthwise layer on a ({b}, {c}, {n}, {n}) input "
+            "with \"same\" padding, and the kernel construction alone (gauss).\n\n" + sweep_markdown(rows)
+            + "\n\n![time against dilated kernel size](bench.png)")
+    return Section("Cost against the dilated kernel size", text, rows, [], [png])
+
+
+def _conv_section(st: Settings) -> Section:
+    from ndcls.bench import conv as conv_bench
+
+    cases = conv_bench.QUICK_CASES if st.quick else conv_bench.CASES
+    warmup, repeats = (1, 2) if st.quick else (1, 3)
+    rows = conv_bench.run(cases, warmup=warmup, repeats=repeats, reference=st.reference, progress=st.progress)
+    tiny = conv_bench.measure(conv_bench.TINY_CASE, warmup=2, repeats=5 if st.quick else 20, reference=False,
+                              memory=False)
+    rates = conv_bench.calibrate(rows, tiny)
+    batches = ", ".join(f"{c.name}: batch {c.input_shape[0]}" for c in cases if c.version != "gauss")
+    text = ("Forward + backward (input gradient included) of one layer, CPU, float32: ndcls with "
+            "`method=\"direct\"` and `method=\"construct\"`, the reference implementation's layer, and "
+            "torch's dense depthwise convolutions for the ConvNeXt shape; cases timed round-robin, median of "
+            f"{repeats} rounds after {warmup} warm-up; peak = growth of the resident set during one more "
+            f"forward + backward (MiB). Batches: {batches}. Gauss layers have width abs(SIG) + 0.27 = 0.5.\n\n"
+            + conv_bench.markdown(rows)
+            + "\n\n### Cost model\n\nRates each route achieved (work of the cost model / measured time), and "
+            "the route the cost model would pick with the rates calibrated from this run (median per regime; "
+            f"fixed call costs from a tiny layer: construct {1e3 * tiny['construct_s']:.2f} ms"
+            + (f", direct {1e3 * tiny['direct_s']:.2f} ms" if "direct_s" in tiny else "") + ").\n\n"
+            + conv_bench.calibration_markdown(rows, rates))
+    return Section("Direct convolution", text, dict(rows=rows, tiny=tiny, calibrated_rates=dataclasses.asdict(rates)),
+                   conv_bench.summary(rows))
+
+
+def _threads_section(st: Settings) -> Section:
+    from ndcls.bench import threads
+
+    result = threads.run(quick=st.quick, progress=st.progress)
+    text = (threads.__doc__.split("\n\n", 1)[1].strip() + "\n\n" + threads.markdown(result))
+    return Section("CPU threads", text, result, threads.summary(result))
+
+
+def _overhead_section(st: Settings) -> Section:
+    from ndcls.bench import overhead
+
+    figures = overhead.measure(number=500 if st.quick else 2000, rounds=3 if st.quick else 7)
+    table = ["| call | median (us) | min (us) |", "|---|---:|---:|"]
+    table += [f"| {name} | {median:.1f} | {best:.1f} |" for name, (median, best) in figures.items()]
+    text = ("Host time per call for a 3-cell kernel (one element, float64, NumPy arrays and CPU tensors): "
+            "argument checks, dispatch, array exchange, the torch op and autograd; median and minimum over "
+            "rounds of many calls, compilation excluded.\n\n" + "\n".join(table))
+    summary = [f"host overhead: construct {figures['construct'][0]:.0f} us"
+               + (f", torch fwd+bwd {figures['torch fwd+bwd'][0]:.0f} us" if "torch fwd+bwd" in figures else "")]
+    return Section("Host overhead per call", text, figures, summary)
+
+
+def _gpu_section(st: Settings) -> Section:
+    from ndcls.bench import gpu
+
+    title, _, body = gpu.run(quick=st.quick, progress=st.progress, command="ndcls bench --device cuda").partition("\n")
+    return Section(title.removeprefix("## "), body.strip(), None, [title.removeprefix("## ")])
+
+
+#: name -> section, in the order ``ndcls bench`` runs them ("gpu" only by default with a CUDA device)
+SECTIONS: dict[str, Callable[[Settings], Section]] = {
+    "construct": _construct_section,
+    "layer": _layer_section,
+    "sweep": _sweep_section,
+    "conv": _conv_section,
+    "threads": _threads_section,
+    "overhead": _overhead_section,
+    "gpu": _gpu_section,
+}
+
+
 def run_all(out: str, *, quick: bool = False, device: str = "cpu", backend: Optional[str] = None,
-            reference: bool = True, command: str = "ndcls bench", progress: Optional[Callable] = None) -> list[str]:
-    """Run the three benchmarks, print their tables, write ``out/benchmarks.md`` and
-    ``out/bench.png``; returns the two paths."""
+            reference: bool = True, command: str = "ndcls bench", progress: Optional[Callable] = None,
+            sections=None) -> tuple[list[str], list[str]]:
+    """Run the named sections (default: all), write ``out/benchmarks.md``, ``out/results.json``
+    (and the sweep's ``out/bench.png``); returns (summary lines, paths written)."""
     import ndcls
 
+    if sections is None:
+        names = [n for n in SECTIONS if n != "gpu" or device.startswith("cuda")]
+    else:
+        names = list(sections)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown sections {unknown}; known: {list(SECTIONS)}")
+    silence_reference_logs()
     os.makedirs(out, exist_ok=True)
     has_reference = reference and construct_bench.reference_available()
+    st = Settings(out=out, quick=quick, device=device, backend=backend, reference=has_reference, progress=progress)
     date = time.strftime("%Y-%m-%d %H:%M")
-    machine = machine_description(device)
-    sections = [
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
         "# ndcls benchmarks",
         "",
         f"* date: {date}",
-        f"* machine: {machine}",
-        f"* device of the layer benchmarks: {device}; ndcls construction backend: "
-        f"{backend or ndcls.default_backend('cpu').name}",
+        f"* machine: {machine_description(device)}",
+        f"* load average (1 min) at the start: {load:.1f}",
+        f"* device of the layer benchmarks: {device} (the conv and threads sections run on the CPU); "
+        f"ndcls construction backend: {backend or ndcls.default_backend('cpu').name}",
         f"* reference implementation (dcls): {'yes' if has_reference else 'not installed or disabled'}",
         f"* command: `{command}`",
         "",
     ]
-
-    print("kernel construction (ndcls vs reference)")
-    rows = construct_bench.run(
-        construct_bench.QUICK_SHAPES if quick else construct_bench.SHAPES, ("gauss",) if quick else ("bilinear", "gauss"),
-        backend=backend, repeats=3 if quick else 5, reference=has_reference, progress=progress,
-    )
-    table = construct_bench.markdown(rows)
-    print(table, "\n")
-    sections += ["## Kernel construction", "",
-                 "ndcls `construct` / `construct_grad` against the reference's kernel construction (float32, "
-                 "median times; peak = extra resident memory of one forward + backward).", "", table, ""]
-
-    print("ConvNeXt block (forward + backward)")
-    try:
-        from ndcls.torch_bridge.benchmark import default_cases, markdown_table, run_cases
-    except ImportError as exc:  # the layer benchmark module is part of the torch bridge
-        table = f"not available: {exc}"
-    else:
-        settings = QUICK_LAYER if quick else LAYER
-        cases = default_cases(settings["channels"], settings["dilated"], settings["count"])
-        if not has_reference:
-            cases = {k: v for k, v in cases.items() if not k.startswith("reference")}
-        layer_rows = run_cases(device=device, cases=cases, **settings)  # cases timed round-robin
-        table = markdown_table(layer_rows, settings["dilated"])
-        b, c, s = settings["batch"], settings["channels"], settings["size"]
-        sections += ["## ConvNeXt block", "", f"Input ({b}, {c}, {s}, {s}); the block's depthwise convolution is "
-                     "DCLS or dense; median of forward + backward.", ""]
-    print(table, "\n")
-    sections += [table, ""]
-
-    print("cost vs dilated kernel size")
-    sweep_settings = QUICK_SWEEP if quick else SWEEP
-    sizes = QUICK_SWEEP_SIZES if quick else SWEEP_SIZES
-    sweep_rows = size_sweep(sizes, device=device, backend=backend, reference=has_reference, progress=progress,
-                            **sweep_settings)
-    table = sweep_markdown(sweep_rows)
-    print(table, "\n")
-    png = os.path.join(out, "bench.png")
-    c, b, n = sweep_settings["channels"], sweep_settings["batch"], sweep_settings["input_size"]
-    plot_sweep(sweep_rows, png, f"count {sweep_settings['count']}, {c} channels, input ({b}, {c}, {n}, {n}), "
-               f"{device}; {date}")
-    sections += ["## Cost against the dilated kernel size", "",
-                 f"Count {sweep_settings['count']} at every size; depthwise layer on a ({b}, {c}, {n}, {n}) input "
-                 "with \"same\" padding, and the kernel construction alone (gauss).", "", table, "",
-                 "![time against dilated kernel size](bench.png)", ""]
-    if device.startswith("cuda"):  # construction bandwidth on the GPU and the block at a GPU batch size
-        from ndcls.bench import gpu
-
-        print("GPU")
-        section = gpu.run(quick=quick, progress=progress, command=command)
-        print(section, "\n")
-        sections += [section, ""]
+    summary, raw, files = [], {}, []
+    for name in names:
+        section = SECTIONS[name](st)
+        lines += [f"## {section.title}", "", section.text, ""]
+        raw[name] = section.rows
+        summary += section.summary
+        files += section.files
     md = os.path.join(out, "benchmarks.md")
     with open(md, "w") as f:
-        f.write("\n".join(sections))
-    return [md, png]
+        f.write("\n".join(lines))
+    js = os.path.join(out, "results.json")
+    with open(js, "w") as f:
+        json.dump(dict(date=date, command=command, load_average=load, sections=raw), f, indent=1, default=str)
+    return summary, [md, js, *files]

@@ -309,6 +309,8 @@ def _construct_grad(
 
 #: output arguments of each kernel (typed writable); every other array argument is typed read-only
 _OUTPUTS = {"_construct": ("kernel",), "_construct_grad": ("grad_w", "grad_p", "grad_s")}
+#: below this many estimated operations a call runs the serial kernel (:data:`._threads.SMALL_WORK`)
+PARALLEL_MIN_WORK = SMALL_WORK
 _COMPILED: dict = {}
 
 
@@ -369,8 +371,8 @@ def _layout_arrays(spec):
 
 
 def _layout(spec, work_factor=1):
-    """Whether to run the parallel kernel (:data:`._threads.SMALL_WORK`), and the layout arguments."""
-    parallel = numba.get_num_threads() > 1 and spec.n_batch > 1 and work_factor * _work(spec) >= SMALL_WORK
+    """Whether to run the parallel kernel (:data:`PARALLEL_MIN_WORK`), and the layout arguments."""
+    parallel = numba.get_num_threads() > 1 and spec.n_batch > 1 and work_factor * _work(spec) >= PARALLEL_MIN_WORK
     n_chunks = min(spec.n_batch, 4 * numba.get_num_threads()) if parallel else 1
     return parallel, (*_layout_arrays(spec), n_chunks, gauss_cut(spec.dtype))
 

@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.modules.utils import _ntuple
 
-from ndcls.torch_bridge._ops import construct
+from ndcls.torch_bridge import cost
+from ndcls.torch_bridge._ops import construct, conv, output_spatial
 
 VERSIONS = ("v0", "v1", "max", "gauss")
 #: version -> (interpolation, constant added to abs(SIG) for the width, or None without SIG)
@@ -56,6 +57,7 @@ _VERSION_KERNEL = {
 }
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+METHODS = ("auto", "construct", "direct")
 
 
 def row_axes(learned_axes: Sequence[int], version: str) -> tuple[int, ...]:
@@ -228,6 +230,11 @@ class _DclsNMd(nn.Module):
             (uniform over the kernel, the reference's N-M-D layers).
         conv_kernel_size: shape the constructed kernel is viewed as before the convolution
             (only Dcls2dK1d sets it: a 1-D kernel with a size-1 axis inserted).
+        method: how forward computes the convolution: "construct" (build the dense kernel, then
+            torch's convolution), "direct" (:func:`ndcls.torch_bridge.conv`, never builds the
+            kernel; other padding modes pad the input explicitly first) or "auto" (the cheaper of
+            the two per call, by the cost model of :mod:`ndcls.torch_bridge.cost`). Outputs,
+            gradients and checkpoints do not depend on it.
     """
 
     def __init__(
@@ -247,6 +254,7 @@ class _DclsNMd(nn.Module):
         conv_dims: int,
         position_init: str,
         conv_kernel_size: Optional[Sequence[int]] = None,
+        method: str = "auto",
     ) -> None:
         super().__init__()
         if in_channels % groups != 0:
@@ -259,6 +267,9 @@ class _DclsNMd(nn.Module):
             raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_count = kernel_count
@@ -400,7 +411,74 @@ class _DclsNMd(nn.Module):
         return conv(input, kernel, bias, self.stride, self.padding, 1, self.groups)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.route(input) == "direct":
+            return self._direct(input)
         return self._conv(input, self.construct_kernel())
+
+    # -- the direct route ------------------------------------------------------------------
+    def _direct(self, input: Tensor) -> Tensor:
+        """The convolution without the dense kernel (:func:`ndcls.torch_bridge.conv`)."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        weight, positions, sigma = self.weight, self.kernel_positions(), self.kernel_sigma()
+        sizes, learned = self.kernel_sizes, self.row_axes
+        if self.conv_kernel_size != self.kernel_sizes:
+            # Dcls2dK1d: the 1-D kernel lies along axis flat_dim of a 2-D kernel whose other axis
+            # has size 1: that axis is a dense one, one more (unit) axis before count.
+            weight, positions = weight.unsqueeze(-2), positions.unsqueeze(-2)
+            sigma = sigma.unsqueeze(-2) if sigma is not None else None
+            sizes, learned = self.conv_kernel_size, (self.flat_dim,)
+        out = conv(input, weight, positions, sizes, sigma=sigma, interpolation=_VERSION_KERNEL[self.version][0],
+                   learned_dims=learned, stride=self.stride, padding=padding, groups=self.groups)
+        if self.bias is not None:
+            out = out + self.bias.view(-1, *([1] * self.conv_dims))
+        return out
+
+    def route(self, input: Tensor) -> str:
+        """The route forward takes for ``input``: ``method`` unless "auto", else the cost model's pick."""
+        if self.method != "auto":
+            return self.method
+        if input.device.type != "cpu" or self.padding_mode != "zeros" or self.conv_kernel_size != self.kernel_sizes:
+            return "construct"  # where the cost model has no measured rates, or the layer would copy
+        if not cost.direct_available("cpu"):
+            return "construct"
+        spatial = input.shape[2:]
+        if isinstance(self.padding, str):
+            out = output_spatial(spatial, self.kernel_sizes, self.stride, None, self.padding)
+        else:
+            out = output_spatial(spatial, self.kernel_sizes, self.stride, self.padding, "")
+        n_dense = len(self.dense_kernel_size)
+        return cost.choose(
+            batch=input.shape[0], out_channels=self.out_channels, in_per_group=self.in_channels // self.groups,
+            out_spatial=out, sizes=self.kernel_sizes, learned_dims=list(range(n_dense, len(self.kernel_sizes))),
+            count=self.kernel_count, interpolation=_VERSION_KERNEL[self.version][0], width=self._mean_width(),
+            dtype=str(self.weight.dtype).removeprefix("torch."),
+        )
+
+    def _mean_width(self) -> Optional[float]:
+        """Mean effective element width for the cost model (None for bilinear).
+
+        Read from ``SIG`` only when ``SIG`` has changed (torch counts its in-place updates), and
+        under ``torch.compile`` taken from the last eager call (or the initial width), so that
+        choosing the route neither synchronises nor breaks the graph on every call.
+        """
+        interpolation, offset = _VERSION_KERNEL[self.version]
+        if interpolation == "bilinear":
+            return None
+        if offset is None:  # v1: width 1
+            return 1.0
+        if self.SIG is None:  # switched to a version with widths: forward raises its clear error
+            return offset
+        cached = getattr(self, "_width_cache", None)
+        if torch.compiler.is_compiling():
+            return cached[1] if cached is not None else offset + (0.23 if self.version == "gauss" else 0.0)
+        key = (self.version, self.SIG.data_ptr(), self.SIG._version)
+        if cached is None or cached[0] != key:
+            cached = (key, float(self.SIG.detach().abs().mean()) + offset)
+            self._width_cache = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_count={self.kernel_count}, stride={self.stride}"
@@ -418,6 +496,8 @@ class _DclsNMd(nn.Module):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode}"
+        if self.method != "auto":
+            s += f", method={self.method}"
         return s
 
 
@@ -439,10 +519,10 @@ class Dcls1d(_DclsNd):
     """
 
     def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dilated_kernel_size=1,
-                 groups=1, bias=True, padding_mode="zeros", version="gauss"):
+                 groups=1, bias=True, padding_mode="zeros", version="gauss", method="auto"):
         super().__init__(in_channels, out_channels, kernel_count, stride, padding, (),
                          _ntuple(1)(dilated_kernel_size), groups, bias, padding_mode, version,
-                         conv_dims=1, position_init="normal")
+                         conv_dims=1, position_init="normal", method=method)
 
 
 class Dcls2d(_DclsNd):
@@ -461,10 +541,10 @@ class Dcls2d(_DclsNd):
     """
 
     def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dilated_kernel_size=1,
-                 groups=1, bias=True, padding_mode="zeros", version="gauss", use_implicit_gemm=True):
+                 groups=1, bias=True, padding_mode="zeros", version="gauss", use_implicit_gemm=True, method="auto"):
         super().__init__(in_channels, out_channels, kernel_count, stride, padding, (),
                          _ntuple(2)(dilated_kernel_size), groups, bias, padding_mode, version,
-                         conv_dims=2, position_init="normal")
+                         conv_dims=2, position_init="normal", method=method)
         self.use_implicit_gemm = False  # the reference's flag: its optional CUDA depthwise kernel is never used
 
 
@@ -472,10 +552,10 @@ class Dcls3d(_DclsNd):
     """3-D DCLS convolution (reference: ``Dcls3d``); ``P`` is ``(3, out, in // groups, count)``."""
 
     def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dilated_kernel_size=1,
-                 groups=1, bias=True, padding_mode="zeros", version="gauss"):
+                 groups=1, bias=True, padding_mode="zeros", version="gauss", method="auto"):
         super().__init__(in_channels, out_channels, kernel_count, stride, padding, (),
                          _ntuple(3)(dilated_kernel_size), groups, bias, padding_mode, version,
-                         conv_dims=3, position_init="normal")
+                         conv_dims=3, position_init="normal", method=method)
 
 
 class Dcls2_1d(_DclsN_Md):
@@ -486,10 +566,10 @@ class Dcls2_1d(_DclsN_Md):
     """
 
     def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dense_kernel_size=1,
-                 dilated_kernel_size=1, groups=1, bias=True, padding_mode="zeros", version="gauss"):
+                 dilated_kernel_size=1, groups=1, bias=True, padding_mode="zeros", version="gauss", method="auto"):
         super().__init__(in_channels, out_channels, kernel_count, stride, padding, _ntuple(1)(dense_kernel_size),
                          _ntuple(1)(dilated_kernel_size), groups, bias, padding_mode, version,
-                         conv_dims=2, position_init="uniform")
+                         conv_dims=2, position_init="uniform", method=method)
 
 
 class Dcls3_1d(_DclsN_Md):
@@ -499,10 +579,10 @@ class Dcls3_1d(_DclsN_Md):
     """
 
     def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dense_kernel_size=1,
-                 dilated_kernel_size=1, groups=1, bias=True, padding_mode="zeros", version="gauss"):
+                 dilated_kernel_size=1, groups=1, bias=True, padding_mode="zeros", version="gauss", method="auto"):
         super().__init__(in_channels, out_channels, kernel_count, stride, padding, _ntuple(2)(dense_kernel_size),
                          _ntuple(1)(dilated_kernel_size), groups, bias, padding_mode, version,
-                         conv_dims=3, position_init="uniform")
+                         conv_dims=3, position_init="uniform", method=method)
 
 
 class Dcls3_2d(_DclsN_Md):
@@ -514,10 +594,10 @@ class Dcls3_2d(_DclsN_Md):
     """
 
     def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dense_kernel_size=1,
-                 dilated_kernel_size=1, groups=1, bias=True, padding_mode="zeros", version="gauss"):
+                 dilated_kernel_size=1, groups=1, bias=True, padding_mode="zeros", version="gauss", method="auto"):
         super().__init__(in_channels, out_channels, kernel_count, stride, padding, _ntuple(1)(dense_kernel_size),
                          _ntuple(2)(dilated_kernel_size), groups, bias, padding_mode, version,
-                         conv_dims=3, position_init="uniform")
+                         conv_dims=3, position_init="uniform", method=method)
 
 
 class Dcls2dK1d(_DclsNd):
@@ -528,13 +608,13 @@ class Dcls2dK1d(_DclsNd):
     """
 
     def __init__(self, in_channels, out_channels, kernel_count, stride=1, padding=0, dilated_kernel_size=1,
-                 groups=1, bias=True, padding_mode="zeros", version="v1", flat_dim=0):
+                 groups=1, bias=True, padding_mode="zeros", version="v1", flat_dim=0, method="auto"):
         if flat_dim not in (0, 1):
             raise ValueError(f"flat_dim must be 0 or 1, got {flat_dim!r}")
         (size,) = _ntuple(1)(dilated_kernel_size)
         super().__init__(in_channels, out_channels, kernel_count, stride, padding, (), (size,), groups, bias,
                          padding_mode, version, conv_dims=2, position_init="normal",
-                         conv_kernel_size=(size, 1) if flat_dim == 0 else (1, size))
+                         conv_kernel_size=(size, 1) if flat_dim == 0 else (1, size), method=method)
         self.flat_dim = flat_dim
 
 

@@ -1,12 +1,11 @@
 """Layer benchmark: forward + backward of a ConvNeXt block whose depthwise conv is DCLS or dense.
 
-:func:`run_cases` returns one row per case; :func:`markdown_table` formats them. The script
-``benchmarks/bench_layer.py`` is a thin command-line wrapper.
+:func:`run_cases` returns one row per case; :func:`markdown_table` formats them; ``ndcls bench
+--sections layer`` runs it. The ndcls layers use their default ``method="auto"``.
 """
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from typing import Callable, Optional
@@ -14,6 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ndcls.bench._util import reference_modules
 from ndcls.torch_bridge.layers import Dcls2d
 
 
@@ -36,12 +36,8 @@ class ConvNeXtBlock(nn.Module):
 
 
 def _reference_dcls2d() -> Optional[type]:
-    try:
-        logging.getLogger().setLevel(logging.ERROR)  # the reference logs about a CUDA-only kernel
-        from DCLS.construct.modules import Dcls2d as RefDcls2d
-    except ImportError:
-        return None
-    return RefDcls2d
+    modules = reference_modules()
+    return None if modules is None else modules.Dcls2d
 
 
 def default_cases(channels: int = 96, dilated: int = 17, count: int = 34) -> dict[str, Callable[[], nn.Module]]:
