@@ -292,7 +292,9 @@ def run(config: DemoConfig = DemoConfig(), progress: Optional[Callable] = None) 
 
     # students: R output channels, each a DCLS kernel of `count` elements
     layer_cls = {1: Dcls1d, 2: Dcls2d, 3: Dcls3d}[n]
-    layer = layer_cls(1, R, cfg.count, dilated_kernel_size=size, padding=0, bias=False, version=version)
+    # the construct route: the kernels the warm-up compiled (the direct route would compile its own)
+    layer = layer_cls(1, R, cfg.count, dilated_kernel_size=size, padding=0, bias=False, version=version,
+                      method="construct")
     with torch.no_grad():
         for j, (lo, hi) in enumerate(layer.position_limits):  # uniform over the kernel
             layer.P[j].uniform_(lo + 0.5, hi - 0.5, generator=gen)
