@@ -229,8 +229,8 @@ def _construct_grad(call: _Call, weight, positions, sigma, grad_kernel):
 # -- direct convolution (SPEC section 9) ------------------------------------------------------------
 
 
-#: dtypes the direct convolution takes (half precision is not implemented for it yet)
-_CONV_DTYPES = ("float32", "float64")
+#: dtypes the direct convolution does not take yet (other dtypes are judged by ConvSpec)
+_CONV_REFUSED_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass
@@ -256,10 +256,10 @@ def _prepare_conv(operation, input, weight, positions, sigma, grad_output, sizes
     ctx = array_context(**arrays)
     chosen = _select_backend(backend, ctx)
     for name, a in arrays.items():
-        if a is not None and dtype_name(ctx.dtype_of(a)) not in _CONV_DTYPES:
+        if a is not None and dtype_name(ctx.dtype_of(a)) in _CONV_REFUSED_DTYPES:
             raise TypeError(
-                f"{name}: the direct convolution computes in {_CONV_DTYPES}, got {dtype_name(ctx.dtype_of(a))} "
-                f"(for half precision, cast the arrays, or use construct and a dense convolution)"
+                f"{name}: the direct convolution takes float32 and float64, got {dtype_name(ctx.dtype_of(a))} "
+                f"(cast the arrays, or use construct and a dense convolution: method='construct' in the layers)"
             )
     x, w, p, s, g = (ctx.to_compute(a) for a in (input, weight, positions, sigma, grad_output))
     shapes = {name: shape_and_dtype(a) if a is not None else (None, None) for name, a in zip("xwpsg", (x, w, p, s, g))}

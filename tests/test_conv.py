@@ -332,3 +332,44 @@ def test_results_do_not_depend_on_threads(backend):
     for other in (single, *results):
         for a, b in zip(other, reference):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_elements_whose_profile_underflows_contribute_nothing(backend, monkeypatch):
+    """Elements whose every cell value is 0 (a triangle exactly one width outside the kernel or
+    with its support between cells; a Gaussian ~39 widths away) are empty: no tap of theirs may
+    add anything, whatever memory their tap slots were given (poisoned here: a plausible cell,
+    a NaN value)."""
+    from ndcls.kernels import cpu_conv
+
+    monkeypatch.setattr(cpu_conv, "_uninitialised", lambda shape, dtype: np.full(shape, 1 if dtype == np.int64 else np.nan, dtype))
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 12))
+    for interpolation, p_row, s_row in (
+        ("triangle", [-1.0, 0.5, 2.3, 5.0], [1.0, 0.5, 0.7, 1.0]),
+        ("gauss", [-39.0 * 0.1 - 0.0, 2.3, 4.0 + 39.0 * 0.1, 1.0], [0.1, 0.7, 0.1, 0.3]),
+    ):
+        w = rng.standard_normal((3, 1, 4))
+        p = np.broadcast_to(np.array(p_row), (1, 3, 1, 4)).copy()
+        s = np.broadcast_to(np.array(s_row), (1, 3, 1, 4)).copy()
+        kw = dict(sigma=s, interpolation=interpolation, groups=3, padding=2)
+        for _ in range(3):  # fresh scratch each call: garbage would differ between calls
+            got = ndcls.conv(x, w, p, (5,), backend=backend, **kw)
+            assert_close(got, ndcls.conv(x, w, p, (5,), backend="numpy", **kw), what=f"{interpolation} output")
+        g = rng.standard_normal(got.shape)
+        expected = ndcls.conv_grad(g, x, w, p, (5,), backend="numpy", **kw)
+        for name, a, e in zip(("input", "weight", "positions", "sigma"), ndcls.conv_grad(g, x, w, p, (5,), backend=backend, **kw), expected):
+            assert_close(a, e, what=f"{interpolation} grad_{name}")
+
+
+def test_half_precision_layers_take_the_construct_route():
+    from ndcls.torch_bridge import Dcls1d
+
+    layer = Dcls1d(4, 4, 2, dilated_kernel_size=501, padding=250, version="v0").to(torch.bfloat16)
+    x = torch.randn(1, 4, 600, dtype=torch.bfloat16)
+    assert layer.float().route(x.float()) == "direct"  # the shape favours the direct route ...
+    layer = layer.to(torch.bfloat16)
+    assert layer.route(x) == "construct"  # ... which takes no half precision
+    assert layer(x).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="direct convolution takes float32 and float64, got bfloat16"):
+        ndcls.conv(x, layer.weight.detach(), layer.kernel_positions().detach(), (501,), padding=250)

@@ -170,6 +170,7 @@ class Settings:
     backend: Optional[str] = None
     reference: bool = True
     progress: Optional[Callable] = None
+    command: str = "ndcls bench"
 
 
 @dataclass
@@ -278,7 +279,7 @@ def _overhead_section(st: Settings) -> Section:
 def _gpu_section(st: Settings) -> Section:
     from ndcls.bench import gpu
 
-    title, _, body = gpu.run(quick=st.quick, progress=st.progress, command="ndcls bench --device cuda").partition("\n")
+    title, _, body = gpu.run(quick=st.quick, progress=st.progress, command=st.command).partition("\n")
     return Section(title.removeprefix("## "), body.strip(), None, [title.removeprefix("## ")])
 
 
@@ -311,7 +312,8 @@ def run_all(out: str, *, quick: bool = False, device: str = "cpu", backend: Opti
     silence_reference_logs()
     os.makedirs(out, exist_ok=True)
     has_reference = reference and construct_bench.reference_available()
-    st = Settings(out=out, quick=quick, device=device, backend=backend, reference=has_reference, progress=progress)
+    st = Settings(out=out, quick=quick, device=device, backend=backend, reference=has_reference, progress=progress,
+                  command=command)
     date = time.strftime("%Y-%m-%d %H:%M")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [

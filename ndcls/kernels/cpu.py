@@ -333,7 +333,8 @@ def _signature(py_func, args):
 def _argument_key(arg):
     """What Numba's typing of ``arg`` depends on, cheaper to compute than ``numba.typeof``."""
     if isinstance(arg, np.ndarray):
-        return (arg.dtype.char, arg.ndim, arg.flags.c_contiguous, arg.flags.f_contiguous)
+        flags = arg.flags
+        return (arg.dtype.char, arg.ndim, flags.c_contiguous, flags.f_contiguous, flags.aligned)
     return type(arg)
 
 

@@ -78,7 +78,11 @@ def _fill_taps(kind, normalised, weight, positions, sigma, sizes, learned_axes, 
                     if start[e + 1] == t:
                         continue
                     status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False, radius)
-                    if status != _OK:  # cannot happen when the count was > 0; kept as a guard
+                    if status != _OK:  # a row whose values all underflow to 0: no contribution
+                        for q in range(t, start[e + 1]):  # cell 0 lies in every kernel, value 0
+                            tap_val[q] = 0.0
+                            for a_axis in range(tap_cell.shape[1]):
+                                tap_cell[q, a_axis] = 0
                         continue
                     scale = weight[b, d, c] * _element_scale(normalised, z)
                     idx[:] = lo
@@ -318,6 +322,11 @@ def _chunks(n_pairs):
     return max(1, min(n_pairs, 16 * numba.get_num_threads()))
 
 
+def _uninitialised(shape, dtype):
+    """Storage every tap slot is written into (tests poison it to prove that)."""
+    return np.empty(shape, dtype=dtype)
+
+
 class _Taps:
     """Every element's taps, built from the canonical arrays of a conv call."""
 
@@ -342,8 +351,8 @@ class _Taps:
         np.cumsum(counts.reshape(-1), out=self.start[1:])
         self.pair_start = np.ascontiguousarray(self.start[:: k.n_dense * k.count])
         n_taps = int(self.start[-1])
-        self.cell = np.empty((n_taps, k.ndim), dtype=np.int64)
-        self.value = np.empty(n_taps, dtype=k.dtype)
+        self.cell = _uninitialised((n_taps, k.ndim), np.int64)
+        self.value = _uninitialised(n_taps, k.dtype)
         dense = np.array(k.dense_dims, dtype=np.int64)
         cells = np.indices(k.dense_sizes).reshape(len(k.dense_sizes), -1).T if k.dense_dims else np.zeros((1, 0), np.int64)
         _fill_taps(

@@ -413,7 +413,7 @@ class _DclsNMd(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if self.route(input) == "direct":
             return self._direct(input)
-        return self._conv(input, self.construct_kernel())
+        return self._conv_forward(input, self.weight, self.bias, self.P, self.SIG)  # as the reference's forward
 
     # -- the direct route ------------------------------------------------------------------
     def _direct(self, input: Tensor) -> Tensor:
@@ -422,7 +422,8 @@ class _DclsNMd(nn.Module):
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        weight, positions, sigma = self.weight, self.kernel_positions(), self.kernel_sigma()
+        weight, positions = self.weight, self.kernel_positions()
+        sigma = self.DCK.kernel_sigma(positions, self.SIG)  # of the positions' (floating) dtype
         sizes, learned = self.kernel_sizes, self.row_axes
         if self.conv_kernel_size != self.kernel_sizes:
             # Dcls2dK1d: the 1-D kernel lies along axis flat_dim of a 2-D kernel whose other axis
@@ -442,6 +443,8 @@ class _DclsNMd(nn.Module):
             return self.method
         if input.device.type != "cpu" or self.padding_mode != "zeros" or self.conv_kernel_size != self.kernel_sizes:
             return "construct"  # where the cost model has no measured rates, or the layer would copy
+        if self.weight.dtype not in (torch.float32, torch.float64) or input.dtype not in (torch.float32, torch.float64):
+            return "construct"  # the direct convolution takes float32 and float64 only
         if not cost.direct_available("cpu"):
             return "construct"
         spatial = input.shape[2:]
