@@ -56,19 +56,19 @@ class Rates:
     call_direct: float
 
 
-#: Calibrated on this project's 2-core CPU machine by ``ndcls bench --sections conv`` (2026-11-23,
-#: heavily loaded: load average about 30); docs/torch.md, "Choosing the route", says how. The
-#: route rates are the medians per regime over the benchmark shapes, the call costs the times
-#: of a tiny layer, ``construct_per_element`` the construction benchmark's cost per element tap
-#: (about 1e-8 s, ConvNeXt-768 bilinear and gauss).
+#: Calibrated on this project's 2-core CPU machine by ``ndcls bench --sections conv,threads,overhead``
+#: on an idle machine (2026-11-23, load average 0.2; docs/benchmarks.md); docs/torch.md, "Choosing
+#: the route", says how. The route rates are the medians per regime over the benchmark shapes, the
+#: call costs the times of a tiny layer, ``construct_per_element`` the construction benchmark's
+#: cost per element tap (about 1e-8 s, ConvNeXt-768 bilinear and gauss).
 RATES = Rates(
-    dense_depthwise=8.4e7,
-    dense_mixing=3.6e9,
-    direct_depthwise=1.6e8,
-    direct_mixing=1.6e8,
+    dense_depthwise=1.44e9,
+    dense_mixing=2.22e10,
+    direct_depthwise=8.3e8,
+    direct_mixing=8.7e8,
     construct_per_element=1.0e-8,
-    call_construct=8.0e-4,
-    call_direct=1.0e-3,
+    call_construct=2.7e-4,
+    call_direct=5.8e-4,
 )
 
 
