@@ -365,11 +365,11 @@ def test_elements_whose_profile_underflows_contribute_nothing(backend, monkeypat
 def test_half_precision_layers_take_the_construct_route():
     from ndcls.torch_bridge import Dcls1d
 
-    layer = Dcls1d(4, 4, 2, dilated_kernel_size=501, padding=250, version="v0").to(torch.bfloat16)
-    x = torch.randn(1, 4, 600, dtype=torch.bfloat16)
-    assert layer.float().route(x.float()) == "direct"  # the shape favours the direct route ...
-    layer = layer.to(torch.bfloat16)
+    layer = Dcls1d(16, 16, 2, dilated_kernel_size=1025, padding=512, version="v0")
+    x = torch.randn(1, 16, 4000)
+    assert layer.route(x) == "direct"  # the shape favours the direct route (2 taps against 1025 cells) ...
+    layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
     assert layer.route(x) == "construct"  # ... which takes no half precision
     assert layer(x).dtype == torch.bfloat16
     with pytest.raises(TypeError, match="direct convolution takes float32 and float64, got bfloat16"):
-        ndcls.conv(x, layer.weight.detach(), layer.kernel_positions().detach(), (501,), padding=250)
+        ndcls.conv(x, layer.weight.detach(), layer.kernel_positions().detach(), (1025,), padding=512)
