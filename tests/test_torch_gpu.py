@@ -16,16 +16,6 @@ pytestmark = pytest.mark.gpu
 BACKENDS = ["cupy", "numba-cuda"]
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """cuDNN's TF32 convolutions (on by default) would make eager and captured runs differ by
-    ~1e-3 when they pick different algorithms: compare in full float32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _inputs(interpolation, dtype=torch.float32, batch=(8, 4), count=5, sizes=(9, 7), seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*batch, count, generator=g, dtype=torch.float64)
