@@ -123,3 +123,16 @@ def test_layout_struct_argument_has_the_size_of_its_numpy_twin():
         for name in key.name_expressions:
             sizes = re.findall(rf"{re.escape(lowered[name])}_param_\d+\[(\d+)\]", ptx)
             assert sizes == [str(want)], f"{name}: struct parameters {sizes}, expected one of {want} bytes"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_conv_specialisation_compiles_to_ptx(arch):
+    """The direct convolution's kernels (cupy_conv.specialisations: N <= 3, float32/float64,
+    every M and interpolation, 32- and 64-bit indices) compile."""
+    from ndcls.kernels import cupy_conv
+
+    names = sorted({name for key in cupy_conv.specialisations() for name in key.names.values()})
+    ptx, lowered = nvrtc_compile(cb.kernel_source("dcls_conv.cu"), names, f"--gpu-architecture=compute_{arch}")
+    assert set(lowered) == set(names)
+    for name in lowered.values():
+        assert f".entry {name}(" in ptx

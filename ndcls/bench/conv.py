@@ -61,6 +61,13 @@ QUICK_CASES = (
     *_pair("ConvNeXt dw16 20x20 c34 17x17", 2, 16, 16, 16, 34, 17, 8, (2, 16, 20, 20), (17, 7)),
     ConvCase("3-D dw8 8x8x8 c10 9x9x9", 3, 8, 8, 8, 10, 9, 4, (1, 8, 8, 8, 8), "v0"),
 )
+#: the same shapes at GPU-sized batches (``ndcls bench --device cuda``, benchmarks/bench_gpu.py)
+GPU_CASES = (
+    *_pair("1-D DiffWave 64->64 c3 1025", 1, 64, 64, 1, 3, 1025, 512, (8, 64, 8000)),
+    *_pair("1-D delays 700->256 c1 250", 1, 700, 256, 1, 1, 250, 125, (64, 700, 100)),
+    *_pair("ConvNeXt dw96 56x56 c34 17x17", 2, 96, 96, 96, 34, 17, 8, (32, 96, 56, 56), (17, 7)),
+    ConvCase("3-D dw32 16x32x32 c10 9x9x9", 3, 32, 32, 32, 10, 9, 4, (8, 32, 16, 32, 32), "v0"),
+)
 #: tiny layer whose time is the fixed cost of a call (calibrates the cost model's call overheads)
 TINY_CASE = ConvCase("tiny 4->4 c2 9", 1, 4, 4, 1, 2, 9, 4, (1, 4, 32), "v0")
 
@@ -104,8 +111,8 @@ def work(case: ConvCase) -> dict:
     )
 
 
-def _step(module, x, record: Optional[list] = None):
-    """One forward + backward; appends the forward's seconds to ``record``."""
+def _step(module, x, record: Optional[list] = None, sync: Callable[[], None] = lambda: None):
+    """One forward + backward; appends the forward's seconds to ``record`` (``sync`` waits for the device)."""
     import time
 
     def run():
@@ -113,6 +120,7 @@ def _step(module, x, record: Optional[list] = None):
         x.grad = None
         t0 = time.perf_counter()
         y = module(x)
+        sync()
         if record is not None:
             record.append(time.perf_counter() - t0)
         y.backward(_ones_like(y))
@@ -127,16 +135,35 @@ def _ones_like(y):
     return torch.ones_like(y)
 
 
-def measure(case: ConvCase, *, warmup: int = 1, repeats: int = 3, reference: bool = True, memory: bool = True) -> dict:
-    """One row: median forward and forward + backward seconds, and peak bytes, per implementation."""
+def _cuda_peak_growth(fn) -> int:
+    """Bytes by which torch's CUDA allocation high-water mark exceeds the current use during ``fn()``."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def measure(case: ConvCase, *, warmup: int = 1, repeats: int = 3, reference: bool = True, memory: bool = True,
+            device: str = "cpu") -> dict:
+    """One row: median forward and forward + backward seconds, and peak bytes, per implementation.
+
+    On ``device="cuda"`` every call ends with a device synchronisation (wall times are device
+    times) and peaks are torch's CUDA allocations; torch's default TF32 settings are kept (what
+    a user's dense convolution runs with).
+    """
     import torch
 
     from ndcls.torch_bridge import cost
 
     torch.manual_seed(0)
-    x = torch.randn(case.input_shape).requires_grad_()
+    x = torch.randn(case.input_shape, device=device).requires_grad_()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     modules = {}
-    if cost.direct_available("cpu"):
+    if cost.direct_available(device):
         modules["direct"] = _ndcls_layer(case, "direct")
     modules["construct"] = _ndcls_layer(case, "construct")
     if "direct" in modules:
@@ -146,9 +173,10 @@ def measure(case: ConvCase, *, warmup: int = 1, repeats: int = 3, reference: boo
         modules["reference"] = ref
     for size in case.dense_baselines:
         modules[f"dense {size}x{size}" if case.ndim == 2 else f"dense {size}"] = _dense_layer(case, size)
+    modules = {name: m.to(device) for name, m in modules.items()}
     forward = {name: [] for name in modules}
-    fns = {name: _step(m, x, forward[name]) for name, m in modules.items()}
-    total = time_round_robin(fns, warmup=warmup, repeats=repeats)
+    fns = {name: _step(m, x, forward[name], sync) for name, m in modules.items()}
+    total = time_round_robin(fns, warmup=warmup, repeats=repeats, sync=sync)
     row = dict(case=case.name, version=case.version, interpolation=case.interpolation,
                input_shape=list(case.input_shape), repeats=repeats, impls=list(modules))
     for name in modules:
@@ -156,8 +184,8 @@ def measure(case: ConvCase, *, warmup: int = 1, repeats: int = 3, reference: boo
         row[f"{name}_s"] = median(total[name])
         row[f"{name}_min_s"] = min(total[name])
         if memory:
-            row[f"{name}_peak_bytes"] = peak_growth(fns[name])
-    row["auto_route"] = _ndcls_layer(case, "auto").route(x)
+            row[f"{name}_peak_bytes"] = _cuda_peak_growth(fns[name]) if device == "cuda" else peak_growth(fns[name])
+    row["auto_route"] = _ndcls_layer(case, "auto").to(device).route(x)
     est = work(case)
     row.update(work_dense=est["work_dense"], work_direct=est["work_direct"], taps=est["taps"],
                model_direct_s=est["direct_s"], model_construct_s=est["construct_s"],
@@ -169,8 +197,8 @@ def measure(case: ConvCase, *, warmup: int = 1, repeats: int = 3, reference: boo
 
 
 def run(cases=CASES, *, warmup: int = 1, repeats: int = 3, reference: bool = True, memory: bool = True,
-        progress: Optional[Callable] = None) -> list[dict]:
-    return [measure(c, warmup=warmup, repeats=repeats, reference=reference, memory=memory)
+        progress: Optional[Callable] = None, device: str = "cpu") -> list[dict]:
+    return [measure(c, warmup=warmup, repeats=repeats, reference=reference, memory=memory, device=device)
             for c in (progress(list(cases)) if progress else cases)]
 
 

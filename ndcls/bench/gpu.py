@@ -159,7 +159,34 @@ def run(quick: bool = False, progress=None, command: str = "python benchmarks/be
         markdown_table(layer_rows, settings["dilated"]),
         "",
     ]
+    out += direct_conv_section(quick=quick, progress=progress)
     return "\n".join(out)
+
+
+def direct_conv_section(quick: bool = False, progress=None) -> list[str]:
+    """Markdown lines: the direct convolution against construct + cuDNN (and the reference layer,
+    the dense ConvNeXt convolutions), forward + backward in the layers, on the issue's shapes at
+    GPU-sized batches (``ndcls.bench.conv.GPU_CASES``); then the cost-model rates they give."""
+    from ndcls.bench import conv as conv_bench
+
+    cases = conv_bench.QUICK_CASES if quick else conv_bench.GPU_CASES
+    rows = conv_bench.run(cases, warmup=2, repeats=5 if quick else 10, device="cuda", progress=progress)
+    tiny = conv_bench.measure(conv_bench.TINY_CASE, warmup=2, repeats=10, reference=False, memory=False, device="cuda")
+    rates = conv_bench.calibrate(rows, tiny)
+    return [
+        "### Direct convolution on the GPU (layers, forward + backward, float32)",
+        "",
+        "Each call ends with a device synchronisation; medians of round-robin repeats; peaks are torch's "
+        "CUDA allocations during one call. Dense convolutions run with torch's defaults (cuDNN, TF32 allowed); "
+        "the direct route computes in float32. Batches: " + ", ".join(f"{c.name} {c.input_shape}" for c in cases[::2]) + ".",
+        "",
+        conv_bench.markdown(rows),
+        "",
+        "Cost-model rates these times give (`ndcls.bench.conv.calibrate`, tiny layer for the call costs):",
+        "",
+        conv_bench.calibration_markdown(rows, rates),
+        "",
+    ]
 
 
 _SECTION = re.compile(r"^## GPU: .*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)

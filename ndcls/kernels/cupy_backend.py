@@ -109,8 +109,8 @@ def specialisations() -> tuple[Specialisation, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_source() -> str:
-    """The CUDA source with its local ``#include "..."`` files inlined (CuPy's disk cache keys on it)."""
+def kernel_source(main: str = _MAIN_SOURCE) -> str:
+    """The CUDA source ``main`` with its local ``#include "..."`` files inlined (the compile cache keys on it)."""
     root = resources.files("ndcls.kernels").joinpath(_SOURCE_DIR)
     seen = set()
 
@@ -121,7 +121,7 @@ def kernel_source() -> str:
         text = root.joinpath(name).read_text()
         return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
 
-    return expand(_MAIN_SOURCE)
+    return expand(main)
 
 
 # -- launch configuration (pure arithmetic, testable without a GPU) ----------------------------
@@ -355,3 +355,13 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
     if host:
         return tuple(None if x is None else x.get() for x in grads)
     return grads
+
+
+def load_functions(source: str, name_expressions: tuple) -> dict:
+    """TEMPORARY (replaced by the FTZ-free loader): {name expression: kernel} of ``source``."""
+    key = (_cupy().cuda.Device().id, source, name_expressions)
+    found = _KERNELS.get(key)
+    if found is None:
+        module = _cupy().RawModule(code=source, options=COMPILE_OPTIONS, name_expressions=name_expressions)
+        found = _KERNELS[key] = {name: module.get_function(name) for name in name_expressions}
+    return found

@@ -30,6 +30,7 @@ using std::fabs;
 using std::floor;
 using std::fmax;
 using std::fmin;
+using std::hypot;
 using std::isfinite;
 using std::max;
 using std::min;

@@ -116,6 +116,36 @@ __device__ __forceinline__ void support(A p, A s, long long size, int& lo, int& 
     hi = int(min((long long)last, size));
 }
 
+// _element.cut_support: support() with the Gaussian cut at `radius` widths beyond the cell
+// nearest p (hypot: no underflow for tiny widths); bilinear and triangle as support(). Clamps
+// every bound as a float before the cast, so NaN-free infinities never become an index.
+template <int KIND, typename A>
+__device__ __forceinline__ void cut_support(A p, A s, long long size, A radius, int& lo, int& hi) {
+    A first, last;
+    if (KIND == BILINEAR) {
+        first = floor(fmin(fmax(p, A(-2)), A(size) + A(1)));
+        last = first + A(1);
+    } else {
+        A reach = s;
+        if (KIND == GAUSS) {
+            const A nearest = floor(fmin(fmax(p, A(0)), A(size) - A(1)) + A(0.5));
+            const A gap = fabs(p - nearest);
+            if (gap > A(40) * s) {
+                lo = hi = 0;
+                return;
+            }
+            reach = hypot(radius * s, gap);
+        }
+        first = ceil(fmin(fmax(p - reach, A(-2)), A(size) + A(1)));
+        last = floor(fmin(fmax(p + reach, A(-2)), A(size) + A(1)));
+    }
+    const A top = A(size);
+    first = fmin(fmax(first, A(0)), top);
+    last = fmin(fmax(last + A(1), A(0)), top);
+    lo = int(min((long long)first, size));
+    hi = int(min((long long)last, size));
+}
+
 // One cell of _element.fill_profile: profile value at cell i, and its derivatives with
 // respect to the position (d_p) and the width (d_s). i lies in the element's support.
 template <int KIND, typename A>

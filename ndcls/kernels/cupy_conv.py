@@ -1,0 +1,273 @@
+"""Backend "cupy": the direct convolution ``conv`` / ``conv_grad`` (SPEC section 9) in CUDA C++.
+
+The pipeline (docs/conv.md, section "GPU"; kernels in ``cuda/dcls_conv.cu``): the dense kernel
+``K`` is built by the construction kernel, the cells the elements touch are marked and listed
+per row (the taps), the convolution and its gradients visit only those taps, and the element
+gradients come from ``construct_grad`` of ``dL/dK`` at the taps (the chain rule shared with the
+construction). Every buffer size follows from the shapes, so nothing waits for the device:
+calls can be captured in a CUDA graph. Results are deterministic (no float atomics).
+
+Canonical arrays (``ndcls._api._prepare_conv``): input ``(batch, in_channels, *spatial)``,
+weight ``(O, I, D, C)``, positions and sigma ``(M, Po, Pi, D, C)`` with ``Po`` in ``{1, O}``
+and ``Pi`` in ``{1, I}``; B = O * I rows of ``cells = prod(sizes)`` kernel cells.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ndcls._spec import MAX_DIMS, gauss_cut
+from ndcls.kernels import cupy_backend as cb
+from ndcls.kernels._element import INTERPOLATION_CODES
+
+_SOURCE = "dcls_conv.cu"
+_THREADS = 256
+#: blocks per SM the dL/dK reduction aims for when it splits rows into chunks
+_BLOCKS_PER_SM = 8
+
+
+@dataclass(frozen=True)
+class ConvSpecialisation:
+    """One instantiation of the conv templates: storage dtype, M, interpolation, N, index width."""
+
+    dtype: str
+    n_learned: int
+    interpolation: str
+    ndim: int
+    int64: bool
+
+    def _args(self, *parts) -> str:
+        return ", ".join(parts)
+
+    @property
+    def names(self) -> dict[str, str]:
+        t, i = cb.CTYPES[self.dtype], cb.INDEX_TYPES[self.int64]
+        kind = str(INTERPOLATION_CODES[self.interpolation])
+        n = str(self.ndim)
+        return {
+            "mark": f"ndcls::conv_mark_kernel<{t}, {self.n_learned}, {kind}, {i}>",
+            "compact": f"ndcls::conv_compact_kernel<{t}, {i}>",
+            "forward": f"ndcls::conv_forward_kernel<{t}, {n}, {i}>",
+            "grad_input": f"ndcls::conv_grad_input_kernel<{t}, {n}, {i}>",
+            "grad_taps": f"ndcls::conv_grad_taps_kernel<{t}, {n}, {i}>",
+            "scatter": f"ndcls::conv_scatter_kernel<{t}, {i}>",
+        }
+
+
+def specialisations(max_ndim: int = 3) -> tuple[ConvSpecialisation, ...]:
+    """Specialisations of N <= ``max_ndim`` (the compile-only test builds them)."""
+    return tuple(
+        ConvSpecialisation(dtype, m, interpolation, n, int64)
+        for dtype in ("float32", "float64")
+        for n in range(1, max_ndim + 1)
+        for m in range(1, n + 1)
+        for interpolation in INTERPOLATION_CODES
+        for int64 in (False, True)
+    )
+
+
+def geometry_dtype(int64: bool) -> np.dtype:
+    """NumPy twin of ``ConvGeometry<I>`` (every field of type I: no padding)."""
+    it = np.int64 if int64 else np.int32
+    arrays = [(name, it, (MAX_DIMS,)) for name in ("spatial", "out_spatial", "ksizes", "stride", "pad")]
+    scalars = [(name, it) for name in ("batch", "in_channels", "out_channels", "group_in", "group_out")]
+    scalars += [(name, it) for name in ("in_cells", "out_cells", "cells", "cap")]
+    return np.dtype(arrays + scalars, align=True)
+
+
+# -- planning (pure arithmetic on shapes and device limits, tested without a GPU) ------------
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Sizes and launch shapes of one conv call."""
+
+    n_rows: int  # B = out_channels * group_in
+    cells: int  # kernel cells per row
+    cap: int  # tap slots per row
+    n_chunks: int  # chunks of batch x output cells per row in the dL/dK reduction
+    int64: bool
+    threads: int = _THREADS
+
+    def grid(self, items: int, n_sm: int) -> int:
+        """Blocks of a grid-stride loop over ``items`` (at least 1, at most 32 waves)."""
+        return max(1, min(-(-items // self.threads), 32 * _BLOCKS_PER_SM * n_sm))
+
+
+def tap_capacity(spec) -> int:
+    """Tap slots per row: every cell, or fewer where the interpolation bounds the taps (bilinear:
+    2**M cells per element, D * C elements per row)."""
+    k = spec.kernel
+    if k.interpolation == "bilinear":
+        return max(1, min(k.block, k.n_dense * k.count * 2**k.n_learned))
+    return max(1, k.block)
+
+
+def plan(spec, n_sm: int, threads: int = _THREADS) -> ConvPlan:
+    """The plan of ``spec`` on a device of ``n_sm`` multiprocessors."""
+    k = spec.kernel
+    n_rows, cells, cap = k.n_batch, k.block, tap_capacity(spec)
+    work = spec.batch * math.prod(spec.out_spatial)
+    wanted = -(-_BLOCKS_PER_SM * n_sm // max(n_rows, 1))  # enough blocks to fill the device
+    n_chunks = max(1, min(wanted, work // (4 * threads)))  # each thread sums >= 4 values
+    flat = (
+        spec.batch * spec.in_channels * math.prod(spec.spatial),
+        spec.batch * spec.out_channels * math.prod(spec.out_spatial),
+        n_rows * cells,
+        n_rows * n_chunks * cap,
+        n_rows * n_chunks,
+        k.n_learned * n_rows * k.n_dense * k.count,
+    )
+    int64 = cb.index_is_64bit(k) or max(flat) >= 2**30
+    return ConvPlan(n_rows, cells, cap, n_chunks, int64, threads)
+
+
+def geometry_value(spec, p: ConvPlan) -> np.void:
+    """The ``ConvGeometry<I>`` kernel argument of ``spec``."""
+    value = np.zeros((), dtype=geometry_dtype(p.int64))
+    n = spec.ndim
+    value["spatial"][:n] = spec.spatial
+    value["out_spatial"][:n] = spec.out_spatial
+    value["ksizes"][:n] = spec.kernel.sizes
+    value["stride"][:n] = spec.stride
+    value["pad"][:n] = [lo for lo, _ in spec.padding]
+    for name, v in (
+        ("batch", spec.batch), ("in_channels", spec.in_channels), ("out_channels", spec.out_channels),
+        ("group_in", spec.group_in), ("group_out", spec.group_out), ("in_cells", math.prod(spec.spatial)),
+        ("out_cells", math.prod(spec.out_spatial)), ("cells", p.cells), ("cap", p.cap),
+    ):  # fmt: skip
+        value[name] = v
+    return value[()]
+
+
+@functools.lru_cache(maxsize=1024)
+def _call_plan(spec, device_id: int):
+    p = plan(spec, cb._limits(device_id).n_sm)
+    key = ConvSpecialisation(spec.kernel.dtype_name, spec.kernel.n_learned, spec.kernel.interpolation, spec.ndim, p.int64)
+    return p, key, geometry_value(spec, p)
+
+
+def _kernels(key: ConvSpecialisation) -> dict:
+    names = key.names
+    functions = cb.load_functions(cb.kernel_source(_SOURCE), tuple(names.values()))
+    return {role: functions[name] for role, name in names.items()}
+
+
+# -- the pipeline ------------------------------------------------------------------------------
+
+
+class _Taps:
+    """``K`` and its taps for one call: ``n_taps (B,)``, ``cell``/``value (B, cap)``, on the device."""
+
+    def __init__(self, spec, weight, positions, sigma, device_id):
+        cupy = cb._cupy()
+        k = spec.kernel
+        self.plan, self.key, self.geometry = _call_plan(spec, device_id)
+        self.kernels = _kernels(self.key)
+        p = self.plan
+        it = np.int64 if p.int64 else np.int32
+        full = (k.n_learned, *k.batch_shape, k.n_dense, k.count)
+        rows = (k.n_learned, k.n_batch, k.n_dense, k.count)
+
+        def expand(a):  # (M, Po, Pi, D, C) -> (M, B, D, C)
+            return None if a is None else cupy.ascontiguousarray(cupy.broadcast_to(a, full)).reshape(rows)
+
+        self.weight = weight.reshape(k.n_batch, k.n_dense, k.count)
+        self.positions, self.sigma = expand(positions), expand(sigma)
+        self.kernel = cb.construct(k, self.weight, self.positions, self.sigma)
+        acc = np.float64 if k.dtype == np.float64 else np.float32
+        mask = cupy.zeros(p.n_rows * p.cells, dtype=np.uint8)
+        n_elements = k.n_batch * k.n_dense * k.count
+        layout = cb.layout_value(k.sizes, k.learned_dims, p.int64)
+        radius = gauss_cut(k.dtype) if k.interpolation == "gauss" else 0.0
+        sigma_arg = self.positions if self.sigma is None else self.sigma
+        self.kernels["mark"](
+            (p.grid(n_elements, cb._limits(device_id).n_sm),), (p.threads,),
+            (self.positions, sigma_arg, mask, layout, it(k.n_batch), it(k.n_dense), it(k.count), it(k.block), np.float64(radius)),
+        )  # fmt: skip
+        self.n_taps = cupy.empty(p.n_rows, dtype=it)
+        self.cell = cupy.empty(p.n_rows * p.cap, dtype=it)
+        self.value = cupy.empty(p.n_rows * p.cap, dtype=acc)
+        self.kernels["compact"](
+            (p.grid(p.n_rows, cb._limits(device_id).n_sm),), (p.threads,),
+            (self.kernel, mask, self.n_taps, self.cell, self.value, it(p.n_rows), it(p.cells), it(p.cap)),
+        )  # fmt: skip
+
+
+def _on_device(*arrays):
+    host = isinstance(arrays[0], np.ndarray)
+    device_id, moved = cb._device_and_arrays(*arrays)
+    return host, device_id, moved
+
+
+def conv(spec, input, weight, positions, sigma, out=None):
+    """``(batch, out_channels, *out_spatial)`` from the canonical arrays (NumPy in, NumPy out)."""
+    host, device_id, (x, w, p, s) = _on_device(input, weight, positions, sigma)
+    cupy = cb._cupy()
+    result = cupy.empty(spec.output_shape, dtype=spec.dtype)
+    if result.size:
+        if w.size == 0 or x.size == 0:
+            result.fill(0)
+        else:
+            taps = _Taps(spec, w, p, s, device_id)
+            n_sm = cb._limits(device_id).n_sm
+            taps.kernels["forward"](
+                (taps.plan.grid(result.size, n_sm),), (taps.plan.threads,),
+                (x, taps.n_taps, taps.cell, taps.value, result, taps.geometry),
+            )  # fmt: skip
+    if not host:
+        return result
+    if out is None:
+        return result.get()
+    result.get(out=out)
+    return out
+
+
+def _reduce(full, like, spec):
+    """Sum a ``(M, B, D, C)`` gradient over the channel axes along which ``like`` broadcasts."""
+    k = spec.kernel
+    full = full.reshape(k.n_learned, *k.batch_shape, k.n_dense, k.count)
+    axes = tuple(a for a in (1, 2) if like.shape[a] == 1 and full.shape[a] != 1)
+    return full.sum(axis=axes, keepdims=True) if axes else full
+
+
+def conv_grad(spec, grad_output, input, weight, positions, sigma):
+    """``(grad_input, grad_weight (B, D, C), grad_positions, grad_sigma)``; see cpu_conv.conv_grad."""
+    host, device_id, (gy, x, w, p, s) = _on_device(grad_output, input, weight, positions, sigma)
+    cupy = cb._cupy()
+    k = spec.kernel
+    grad_x = cupy.zeros(spec.input_shape, dtype=spec.dtype)
+    grad_kernel = cupy.zeros((k.n_batch, k.block), dtype=spec.dtype)
+    if w.size and x.size and gy.size:
+        taps = _Taps(spec, w, p, s, device_id)
+        plan_, it = taps.plan, (np.int64 if taps.plan.int64 else np.int32)
+        n_sm = cb._limits(device_id).n_sm
+        taps.kernels["grad_input"](
+            (plan_.grid(grad_x.size, n_sm),), (plan_.threads,), (gy, taps.n_taps, taps.cell, taps.value, grad_x, taps.geometry)
+        )
+        partial = cupy.empty(plan_.n_rows * plan_.n_chunks * plan_.cap, dtype=taps.value.dtype)
+        blocks = plan_.n_rows * plan_.n_chunks
+        taps.kernels["grad_taps"](
+            (max(1, min(blocks, 2**31 - 1)),), (plan_.threads,),
+            (gy, x, taps.n_taps, taps.cell, partial, taps.geometry, it(plan_.n_rows), it(plan_.n_chunks)),
+            shared_mem=plan_.threads * taps.value.dtype.itemsize,
+        )  # fmt: skip
+        taps.kernels["scatter"](
+            (plan_.grid(plan_.n_rows * plan_.cap, n_sm),), (plan_.threads,),
+            (taps.n_taps, taps.cell, partial, grad_kernel, it(plan_.n_rows), it(plan_.cells), it(plan_.cap), it(plan_.n_chunks)),
+        )  # fmt: skip
+        positions_full, sigma_full, weight_rows = taps.positions, taps.sigma, taps.weight
+    else:
+        full = (k.n_learned, *k.batch_shape, k.n_dense, k.count)
+        rows = (k.n_learned, k.n_batch, k.n_dense, k.count)
+        expand = lambda a: None if a is None else cupy.ascontiguousarray(cupy.broadcast_to(a, full)).reshape(rows)  # noqa: E731
+        positions_full, sigma_full, weight_rows = expand(p), expand(s), w.reshape(k.n_batch, k.n_dense, k.count)
+    grad_w, grad_p, grad_s = cb.construct_grad(k, grad_kernel, weight_rows, positions_full, sigma_full)
+    grads = (grad_x, grad_w, _reduce(grad_p, p, spec), None if s is None else _reduce(grad_s, s, spec))
+    if host:
+        return tuple(None if a is None else cupy.asnumpy(a) for a in grads)
+    return grads
