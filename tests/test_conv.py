@@ -186,10 +186,16 @@ def test_conv_is_deterministic(backend):
     x, w, p, sizes, groups = _simple(rng)
     s = rng.uniform(0.5, 2.0, size=p.shape)
     kw = dict(sigma=s, interpolation="gauss", groups=groups, padding="same", backend=backend)
+    # cupy builds K with shared-memory atomics (the construction kernel): the output and the
+    # input gradient, which read K, may differ in the last bit between calls; the element
+    # gradients, which do not, are bitwise equal (docs/conv.md, "GPU").
+    same_k = np.testing.assert_array_equal if backend != "cupy" else assert_close
     first = ndcls.conv(x, w, p, sizes, **kw)
-    np.testing.assert_array_equal(ndcls.conv(x, w, p, sizes, **kw), first)
+    same_k(ndcls.conv(x, w, p, sizes, **kw), first)
     g = rng.standard_normal(first.shape)
-    for a, b in zip(ndcls.conv_grad(g, x, w, p, sizes, **kw), ndcls.conv_grad(g, x, w, p, sizes, **kw)):
+    one, two = ndcls.conv_grad(g, x, w, p, sizes, **kw), ndcls.conv_grad(g, x, w, p, sizes, **kw)
+    same_k(one[0], two[0])
+    for a, b in zip(one[1:], two[1:]):
         np.testing.assert_array_equal(a, b)
 
 
@@ -292,7 +298,7 @@ def test_bad_grad_output_and_mixed_libraries():
 # -- threads -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", [p for p in FAST if p.values[0] == "numba"])
 def test_results_do_not_depend_on_threads(backend):
     """Large enough to run in parallel (above SMALL_WORK): one thread, all threads, and two
     Python threads at once (the kernels release the GIL) give identical results."""
