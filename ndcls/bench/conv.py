@@ -97,8 +97,8 @@ def _dense_layer(case: ConvCase, size: int):
     return conv(case.in_channels, case.out_channels, size, padding=size // 2, groups=case.groups)
 
 
-def work(case: ConvCase) -> dict:
-    """The cost model's estimate for the case (work in multiply-adds, taps, predicted seconds)."""
+def work(case: ConvCase, device: str = "cpu") -> dict:
+    """The cost model's estimate for the case on ``device`` (work in multiply-adds, taps, predicted seconds)."""
     from ndcls.torch_bridge import cost
     from ndcls.torch_bridge._ops import output_spatial
 
@@ -108,6 +108,7 @@ def work(case: ConvCase) -> dict:
         batch=case.input_shape[0], out_channels=case.out_channels, in_per_group=case.in_channels // case.groups,
         out_spatial=out, sizes=[case.dilated] * n, learned_dims=list(range(n)), count=case.count,
         interpolation="bilinear" if case.version == "v0" else "gauss", width=0.5 if case.version == "gauss" else None,
+        device=device,
     )
 
 
@@ -186,7 +187,7 @@ def measure(case: ConvCase, *, warmup: int = 1, repeats: int = 3, reference: boo
         if memory:
             row[f"{name}_peak_bytes"] = _cuda_peak_growth(fns[name]) if device == "cuda" else peak_growth(fns[name])
     row["auto_route"] = _ndcls_layer(case, "auto").to(device).route(x)
-    est = work(case)
+    est = work(case, device)
     row.update(work_dense=est["work_dense"], work_direct=est["work_direct"], taps=est["taps"],
                model_direct_s=est["direct_s"], model_construct_s=est["construct_s"],
                mixing=case.in_channels // case.groups > 1)
@@ -256,7 +257,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 # -- calibration of the cost model ---------------------------------------------------------------
-def calibrate(rows: list[dict], tiny: Optional[dict] = None):
+def calibrate(rows: list[dict], tiny: Optional[dict] = None, device: str = "cpu"):
     """Rates of the cost model from measured rows (:func:`measure`), one regime at a time.
 
     For each route and regime (depthwise: ``in_channels // groups == 1``; mixing: more), the rate
@@ -267,7 +268,7 @@ def calibrate(rows: list[dict], tiny: Optional[dict] = None):
     """
     from ndcls.torch_bridge import cost
 
-    rates = cost.RATES
+    rates = cost.GPU_RATES if device == "cuda" else cost.RATES
     call_c = tiny["construct_s"] if tiny else rates.call_construct
     call_d = tiny.get("direct_s", rates.call_direct) if tiny else rates.call_direct
     new = dict(call_construct=call_c, call_direct=call_d)

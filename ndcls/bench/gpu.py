@@ -172,7 +172,7 @@ def direct_conv_section(quick: bool = False, progress=None) -> list[str]:
     cases = conv_bench.QUICK_CASES if quick else conv_bench.GPU_CASES
     rows = conv_bench.run(cases, warmup=2, repeats=5 if quick else 10, device="cuda", progress=progress)
     tiny = conv_bench.measure(conv_bench.TINY_CASE, warmup=2, repeats=10, reference=False, memory=False, device="cuda")
-    rates = conv_bench.calibrate(rows, tiny)
+    rates = conv_bench.calibrate(rows, tiny, device="cuda")
     return [
         "### Direct convolution on the GPU (layers, forward + backward, float32)",
         "",

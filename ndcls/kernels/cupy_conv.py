@@ -28,6 +28,10 @@ _SOURCE = "dcls_conv.cu"
 _THREADS = 256
 #: blocks per SM the dL/dK reduction aims for when it splits rows into chunks
 _BLOCKS_PER_SM = 8
+#: shared memory for the staged taps of conv_planes_kernel (under every device's default 48 KiB)
+STAGE_BYTES = 32 * 1024
+#: CUDA's limit on gridDim.y (the planes of conv_planes_kernel; more are walked by a loop)
+_MAX_GRID_Y = 65535
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,8 @@ class ConvSpecialisation:
         return {
             "mark": f"ndcls::conv_mark_kernel<{t}, {self.n_learned}, {kind}, {i}>",
             "compact": f"ndcls::conv_compact_kernel<{t}, {i}>",
-            "forward": f"ndcls::conv_forward_kernel<{t}, {n}, {i}>",
-            "grad_input": f"ndcls::conv_grad_input_kernel<{t}, {n}, {i}>",
+            "forward": f"ndcls::conv_planes_kernel<{t}, {n}, {i}, false>",
+            "grad_input": f"ndcls::conv_planes_kernel<{t}, {n}, {i}, true>",
             "grad_taps": f"ndcls::conv_grad_taps_kernel<{t}, {n}, {i}>",
             "scatter": f"ndcls::conv_scatter_kernel<{t}, {i}>",
         }
@@ -83,6 +87,29 @@ def geometry_dtype(int64: bool) -> np.dtype:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """Launch of conv_planes_kernel: taps staged ``rows`` rows of ``span`` taps at a time."""
+
+    rows: int
+    span: int
+    shared: int  # bytes of dynamic shared memory
+    threads: int  # per block: the cells of a tile of one destination plane
+    grid: tuple  # (tiles of a plane, planes walked at once)
+
+
+def stage(n_src: int, cap: int, ndim: int, acc_bytes: int, planes: int, plane_cells: int, budget: int = STAGE_BYTES) -> Stage:
+    """The staging and launch shape of conv_planes_kernel for ``n_src`` source rows of ``cap`` tap
+    slots, ``planes`` destination planes of ``plane_cells`` cells each."""
+    entry = 4 * ndim + acc_bytes
+    entries = max(1, (budget - 4) // (entry + 4))
+    span = max(1, min(cap, entries))
+    rows = max(1, min(n_src, entries // span))
+    threads = min(_THREADS, max(64, -(-plane_cells // 32) * 32))
+    tiles = max(1, -(-plane_cells // threads))
+    return Stage(rows, span, rows * span * entry + 4 * rows, threads, (tiles, max(1, min(planes, _MAX_GRID_Y))))
+
+
+@dataclass(frozen=True)
 class ConvPlan:
     """Sizes and launch shapes of one conv call."""
 
@@ -91,7 +118,14 @@ class ConvPlan:
     cap: int  # tap slots per row
     n_chunks: int  # chunks of batch x output cells per row in the dL/dK reduction
     int64: bool
+    forward: Stage
+    transposed: Stage
     threads: int = _THREADS
+
+    @property
+    def compact_threads(self) -> int:
+        """Threads of conv_compact_kernel's blocks (one row per block): the row's cells, 32 to 256."""
+        return min(_THREADS, max(32, -(-self.cells // 32) * 32))
 
     def grid(self, items: int, n_sm: int) -> int:
         """Blocks of a grid-stride loop over ``items`` (at least 1, at most 32 waves)."""
@@ -123,7 +157,11 @@ def plan(spec, n_sm: int, threads: int = _THREADS) -> ConvPlan:
         k.n_learned * n_rows * k.n_dense * k.count,
     )
     int64 = cb.index_is_64bit(k) or max(flat) >= 2**30
-    return ConvPlan(n_rows, cells, cap, n_chunks, int64, threads)
+    acc = 8 if np.dtype(k.dtype) == np.float64 else 4
+    out_cells, in_cells = math.prod(spec.out_spatial), math.prod(spec.spatial)
+    forward = stage(spec.group_in, cap, spec.ndim, acc, spec.batch * spec.out_channels, out_cells)
+    transposed = stage(spec.group_out, cap, spec.ndim, acc, spec.batch * spec.in_channels, in_cells)
+    return ConvPlan(n_rows, cells, cap, n_chunks, int64, forward, transposed, threads)
 
 
 def geometry_value(spec, p: ConvPlan) -> np.void:
@@ -193,9 +231,15 @@ class _Taps:
         self.cell = cupy.empty(p.n_rows * p.cap, dtype=it)
         self.value = cupy.empty(p.n_rows * p.cap, dtype=acc)
         self.kernels["compact"](
-            (p.grid(p.n_rows, cb._limits(device_id).n_sm),), (p.threads,),
+            (max(1, min(p.n_rows, 2**31 - 1)),), (p.compact_threads,),
             (self.kernel, mask, self.n_taps, self.cell, self.value, it(p.n_rows), it(p.cells), it(p.cap)),
+            shared_mem=4 * p.compact_threads,
         )  # fmt: skip
+
+
+def _planes(kernel, st: Stage, src, taps, dst):
+    kernel(st.grid, (st.threads,), (src, taps.n_taps, taps.cell, taps.value, dst, taps.geometry, np.int32(st.rows), np.int32(st.span)),
+           shared_mem=st.shared)
 
 
 def _on_device(*arrays):
@@ -214,11 +258,7 @@ def conv(spec, input, weight, positions, sigma, out=None):
             result.fill(0)
         else:
             taps = _Taps(spec, w, p, s, device_id)
-            n_sm = cb._limits(device_id).n_sm
-            taps.kernels["forward"](
-                (taps.plan.grid(result.size, n_sm),), (taps.plan.threads,),
-                (x, taps.n_taps, taps.cell, taps.value, result, taps.geometry),
-            )  # fmt: skip
+            _planes(taps.kernels["forward"], taps.plan.forward, x, taps, result)
     if not host:
         return result
     if out is None:
@@ -246,9 +286,7 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
         taps = _Taps(spec, w, p, s, device_id)
         plan_, it = taps.plan, (np.int64 if taps.plan.int64 else np.int32)
         n_sm = cb._limits(device_id).n_sm
-        taps.kernels["grad_input"](
-            (plan_.grid(grad_x.size, n_sm),), (plan_.threads,), (gy, taps.n_taps, taps.cell, taps.value, grad_x, taps.geometry)
-        )
+        _planes(taps.kernels["grad_input"], plan_.transposed, gy, taps, grad_x)
         partial = cupy.empty(plan_.n_rows * plan_.n_chunks * plan_.cap, dtype=taps.value.dtype)
         blocks = plan_.n_rows * plan_.n_chunks
         taps.kernels["grad_taps"](

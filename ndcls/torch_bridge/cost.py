@@ -72,6 +72,21 @@ RATES = Rates(
 )
 
 
+#: The same rates for CUDA tensors (construct + cuDNN against the cupy backend's direct
+#: convolution), calibrated by ``python benchmarks/bench_gpu.py`` on an H100 (docs/benchmarks.md,
+#: "Direct convolution on the GPU"). On the GPU the direct route lists each row's touched cells
+#: once (merged), so its work per row is at most the kernel's cells (:func:`estimate`).
+GPU_RATES = Rates(
+    dense_depthwise=4.58e11,
+    dense_mixing=1.73e13,
+    direct_depthwise=1.07e12,
+    direct_mixing=2.31e11,
+    construct_per_element=1.0e-8,
+    call_construct=2.0e-3,
+    call_direct=3.0e-3,
+)
+
+
 def direct_available(device: str) -> bool:
     """Whether the default backend for ``device`` arrays implements the direct convolution."""
     from ndcls._registry import default_backend, operation_backends
@@ -112,13 +127,18 @@ def estimate(
     interpolation: str,
     width: Optional[float] = None,
     dtype: str = "float32",
-    rates: Rates = RATES,
+    rates: Optional[Rates] = None,
+    device: str = "cpu",
 ) -> dict:
     """Estimated seconds of forward + backward by each route, with the work behind them.
 
     ``width`` is the mean effective width of the elements (triangle, gauss); ``sizes`` are the N
-    kernel sizes and ``learned_dims`` the M learned axes (the others are dense).
+    kernel sizes and ``learned_dims`` the M learned axes (the others are dense). ``device``
+    ("cpu" or "cuda") picks the default rates and, on CUDA, counts the direct route's taps per
+    channel pair merged (at most the kernel's cells).
     """
+    if rates is None:
+        rates = GPU_RATES if device == "cuda" else RATES
     learned_dims = list(learned_dims)
     learned, dense, cells, points = [], 1, 1, batch * out_channels * in_per_group
     for a in range(len(sizes)):
@@ -133,6 +153,8 @@ def estimate(
     elements = out_channels * in_per_group * dense * count
     work_dense = points * cells
     work_direct = points * dense * count * taps
+    if device == "cuda":
+        work_direct = min(work_direct, work_dense)
     mixing = in_per_group > 1
     t_construct = (rates.call_construct + elements * taps * rates.construct_per_element
                    + work_dense / (rates.dense_mixing if mixing else rates.dense_depthwise))

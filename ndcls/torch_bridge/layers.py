@@ -441,11 +441,12 @@ class _DclsNMd(nn.Module):
         """The route forward takes for ``input``: ``method`` unless "auto", else the cost model's pick."""
         if self.method != "auto":
             return self.method
-        if input.device.type != "cpu" or self.padding_mode != "zeros" or self.conv_kernel_size != self.kernel_sizes:
+        device = input.device.type
+        if device not in ("cpu", "cuda") or self.padding_mode != "zeros" or self.conv_kernel_size != self.kernel_sizes:
             return "construct"  # where the cost model has no measured rates, or the layer would copy
         if self.weight.dtype not in (torch.float32, torch.float64) or input.dtype not in (torch.float32, torch.float64):
             return "construct"  # the direct convolution takes float32 and float64 only
-        if not cost.direct_available("cpu"):
+        if not cost.direct_available(device):
             return "construct"
         spatial = input.shape[2:]
         if isinstance(self.padding, str):
@@ -457,7 +458,7 @@ class _DclsNMd(nn.Module):
             batch=input.shape[0], out_channels=self.out_channels, in_per_group=self.in_channels // self.groups,
             out_spatial=out, sizes=self.kernel_sizes, learned_dims=list(range(n_dense, len(self.kernel_sizes))),
             count=self.kernel_count, interpolation=_VERSION_KERNEL[self.version][0], width=self._mean_width(),
-            dtype=str(self.weight.dtype).removeprefix("torch."),
+            dtype=str(self.weight.dtype).removeprefix("torch."), device=device,
         )
 
     def _mean_width(self) -> Optional[float]:

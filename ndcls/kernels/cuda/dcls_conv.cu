@@ -6,8 +6,8 @@
 //                        axis, triangle its support, gauss its cut support) in a byte mask;
 //   conv_compact_kernel  lists each row's marked cells in ascending order: n_taps[row],
 //                        tap_cell[row, t] (flat cell of the row), tap_val[row, t] = K[row, cell];
-//   conv_forward_kernel  out[n, o, y] = sum_i sum_t tap_val * x[n, g*I+i, y*stride + k_t - pad];
-//   conv_grad_input_kernel  the transposed convolution over the same taps;
+//   conv_planes_kernel   the forward, out[n, o, y] = sum_i sum_t tap_val * x[n, g*I+i, y*stride + k_t - pad],
+//                        and (TRANSPOSED) the input gradient, the transposed convolution over the same taps;
 //   conv_grad_taps_kernel   dL/dK at the taps, a block per (row, chunk of batch x output cells)
 //                        with a fixed-order tree reduction, one partial sum per chunk;
 //   conv_scatter_kernel  dK[row, tap_cell] = sum of the partials in chunk order; the shared
@@ -84,21 +84,38 @@ __global__ void conv_mark_kernel(const T* __restrict__ positions, const T* __res
     }
 }
 
-// One thread per row: the marked cells in ascending order (at most `cap` of them).
+// One block per row: the marked cells in ascending order (at most `cap` of them), blockDim.x
+// cells at a time, placed by a shared-memory prefix sum (Hillis-Steele). Shared memory:
+// blockDim.x ints.
 template <typename T, typename I>
 __global__ void conv_compact_kernel(const T* __restrict__ kernel, const unsigned char* __restrict__ mask,
                                     I* __restrict__ n_taps, I* __restrict__ tap_cell,
                                     typename Scalar<T>::acc* __restrict__ tap_val, I n_rows, I cells, I cap) {
-    for (I row = (I)blockIdx.x * blockDim.x + threadIdx.x; row < n_rows; row += (I)gridDim.x * blockDim.x) {
-        I n = 0;
-        for (I c = 0; c < cells && n < cap; ++c) {
-            if (mask[row * cells + c]) {
-                tap_cell[row * cap + n] = c;
-                tap_val[row * cap + n] = Scalar<T>::load(kernel[row * cells + c]);
-                ++n;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    int* scan = reinterpret_cast<int*>(smem_raw);
+    const int tid = threadIdx.x;
+    for (I row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        I placed = 0;
+        for (I c0 = 0; c0 < cells; c0 += blockDim.x) {
+            const I c = c0 + tid;
+            const int flag = c < cells && mask[row * cells + c] ? 1 : 0;
+            scan[tid] = flag;
+            __syncthreads();
+            for (int step = 1; step < (int)blockDim.x; step *= 2) {
+                const int add = tid >= step ? scan[tid - step] : 0;
+                __syncthreads();
+                scan[tid] += add;
+                __syncthreads();
             }
+            const I at = placed + scan[tid] - flag;
+            if (flag && at < cap) {
+                tap_cell[row * cap + at] = c;
+                tap_val[row * cap + at] = Scalar<T>::load(kernel[row * cells + c]);
+            }
+            placed += scan[blockDim.x - 1];
+            __syncthreads();  // scan is rewritten by the next chunk
         }
-        n_taps[row] = n;
+        if (tid == 0) n_taps[row] = min(placed, cap);
     }
 }
 
@@ -118,73 +135,96 @@ __device__ __forceinline__ I input_offset(const ConvGeometry<I>& g, const I* y, 
     return off;
 }
 
-// One thread per output value, accumulating over (input channel of the group, tap) in order.
-template <typename T, int N, typename I>
-__global__ void conv_forward_kernel(const T* __restrict__ x, const I* __restrict__ n_taps,
-                                    const I* __restrict__ tap_cell, const typename Scalar<T>::acc* __restrict__ tap_val,
-                                    T* __restrict__ out, const ConvGeometry<I> g) {
+// Forward (TRANSPOSED = false) and input gradient (TRANSPOSED = true), one destination plane at
+// a time: blockIdx.y walks the planes (n, o) of `out` (forward) or (n, c) of grad_x, blockIdx.x
+// tiles of the plane's cells, one cell per thread. The taps of the source rows (forward: pairs
+// o * I + i, i < I; transposed: pairs o * I + i for the group's outputs o) are staged in shared
+// memory, `rows` rows of at most `span` taps at a time (kernel coordinates and values), and
+// every thread accumulates over them in order (row, tap): the forward reads
+// src = x[n, g * I + i, y * stride + k - pad]; the transposed reads src = grad_out[n, o, y] for
+// the y with y * stride = z + pad - k. Cells in the padding are skipped. Shared memory:
+// rows * span * (N ints + one A) + rows ints (the host sizes the launch, cupy_conv.plan).
+template <typename T, int N, typename I, bool TRANSPOSED>
+__global__ void conv_planes_kernel(const T* __restrict__ src, const I* __restrict__ n_taps,
+                                   const I* __restrict__ tap_cell, const typename Scalar<T>::acc* __restrict__ tap_val,
+                                   T* __restrict__ dst, const ConvGeometry<I> g, int rows, int span) {
     typedef typename Scalar<T>::acc A;
-    const I total = g.batch * g.out_channels * g.out_cells;
-    for (I q = (I)blockIdx.x * blockDim.x + threadIdx.x; q < total; q += (I)gridDim.x * blockDim.x) {
-        const I y_flat = q % g.out_cells;
-        const I o = (q / g.out_cells) % g.out_channels;
-        const I n = q / (g.out_cells * g.out_channels);
-        I y[N];
-        unravel_cells<N>(y_flat, g.out_spatial, y);
-        const I group = o / g.group_out;
-        A acc = A(0);
-        for (I i = 0; i < g.group_in; ++i) {
-            const I row = o * g.group_in + i;
-            const T* plane = x + (n * g.in_channels + group * g.group_in + i) * g.in_cells;
-            const I taps = n_taps[row];
-            for (I t = 0; t < taps; ++t) {
-                const I off = input_offset<N>(g, y, tap_cell[row * g.cap + t]);
-                if (off >= 0) acc += tap_val[row * g.cap + t] * Scalar<T>::load(plane[off]);
-            }
-        }
-        out[q] = Scalar<T>::store(acc);
-    }
-}
-
-// One thread per input value: the output cells y with y * stride + k_t - pad = z, over the
-// group's output channels and the taps of their rows, in order.
-template <typename T, int N, typename I>
-__global__ void conv_grad_input_kernel(const T* __restrict__ grad_out, const I* __restrict__ n_taps,
-                                       const I* __restrict__ tap_cell,
-                                       const typename Scalar<T>::acc* __restrict__ tap_val, T* __restrict__ grad_x,
-                                       const ConvGeometry<I> g) {
-    typedef typename Scalar<T>::acc A;
-    const I total = g.batch * g.in_channels * g.in_cells;
-    for (I q = (I)blockIdx.x * blockDim.x + threadIdx.x; q < total; q += (I)gridDim.x * blockDim.x) {
-        const I z_flat = q % g.in_cells;
-        const I c = (q / g.in_cells) % g.in_channels;
-        const I n = q / (g.in_cells * g.in_channels);
-        I z[N];
-        unravel_cells<N>(z_flat, g.spatial, z);
-        const I group = c / g.group_in;
-        const I i = c - group * g.group_in;
-        A acc = A(0);
-        for (I oo = 0; oo < g.group_out; ++oo) {
-            const I o = group * g.group_out + oo;
-            const I row = o * g.group_in + i;
-            const T* plane = grad_out + (n * g.out_channels + o) * g.out_cells;
-            const I taps = n_taps[row];
-            for (I t = 0; t < taps; ++t) {
-                I k[N];
-                unravel_cells<N>(tap_cell[row * g.cap + t], g.ksizes, k);
-                I off = 0;
-                bool inside = true;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    A* val = reinterpret_cast<A*>(smem_raw);
+    int* coords = reinterpret_cast<int*>(val + rows * span);
+    int* counts = coords + rows * span * N;
+    const I dst_channels = TRANSPOSED ? g.in_channels : g.out_channels;
+    const I dst_cells = TRANSPOSED ? g.in_cells : g.out_cells;
+    const I src_channels = TRANSPOSED ? g.out_channels : g.in_channels;
+    const I src_cells = TRANSPOSED ? g.out_cells : g.in_cells;
+    const I* dst_sizes = TRANSPOSED ? g.spatial : g.out_spatial;
+    const I* src_sizes = TRANSPOSED ? g.out_spatial : g.spatial;
+    const I n_src = TRANSPOSED ? g.group_out : g.group_in;  // source rows per destination plane
+    for (I plane = blockIdx.y; plane < g.batch * dst_channels; plane += gridDim.y) {
+        const I n = plane / dst_channels;
+        const I ch = plane - n * dst_channels;
+        const I group = TRANSPOSED ? ch / g.group_in : ch / g.group_out;
+        for (I first = (I)blockIdx.x * blockDim.x; first < dst_cells; first += (I)gridDim.x * blockDim.x) {
+            const I q = first + threadIdx.x;
+            const bool active = q < dst_cells;
+            I y[N];
+            unravel_cells<N>(active ? q : 0, dst_sizes, y);
+            A acc = A(0);
+            for (I r0 = 0; r0 < n_src; r0 += rows) {
+                for (I t0 = 0; t0 < g.cap; t0 += span) {
+                    __syncthreads();  // the previous stage has been read
+                    for (int e = threadIdx.x; e < rows * span; e += blockDim.x) {
+                        const I r = r0 + e / span;
+                        const I t = t0 + e % span;
+                        if (r >= n_src) continue;
+                        const I row = TRANSPOSED ? (group * g.group_out + r) * g.group_in + (ch - group * g.group_in)
+                                                 : ch * g.group_in + r;
+                        if (t >= n_taps[row]) continue;
+                        I k[N];
+                        unravel_cells<N>(tap_cell[row * g.cap + t], g.ksizes, k);
 #pragma unroll
-                for (int a = 0; a < N; ++a) {
-                    const I num = z[a] + g.pad[a] - k[a];
-                    const I at = num / g.stride[a];
-                    inside = inside && num >= 0 && at * g.stride[a] == num && at < g.out_spatial[a];
-                    off = off * g.out_spatial[a] + at;
+                        for (int a = 0; a < N; ++a) coords[e * N + a] = int(k[a]);
+                        val[e] = tap_val[row * g.cap + t];
+                    }
+                    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+                        I c = 0;
+                        if (r0 + r < n_src) {
+                            const I row = TRANSPOSED ? (group * g.group_out + r0 + r) * g.group_in + (ch - group * g.group_in)
+                                                     : ch * g.group_in + r0 + r;
+                            c = min(max(n_taps[row] - t0, (I)0), (I)span);
+                        }
+                        counts[r] = int(c);
+                    }
+                    __syncthreads();
+                    if (!active) continue;
+                    for (int r = 0; r < rows && r0 + r < n_src; ++r) {
+                        const I src_ch = TRANSPOSED ? group * g.group_out + r0 + r : group * g.group_in + r0 + r;
+                        const T* plane_src = src + (n * src_channels + src_ch) * src_cells;
+                        for (int t = 0; t < counts[r]; ++t) {
+                            const int e = r * span + t;
+                            I off = 0;
+                            bool inside = true;
+#pragma unroll
+                            for (int a = 0; a < N; ++a) {
+                                I at;
+                                if (TRANSPOSED) {
+                                    const I num = y[a] + g.pad[a] - coords[e * N + a];
+                                    at = num / g.stride[a];
+                                    inside = inside && num >= 0 && at * g.stride[a] == num;
+                                } else {
+                                    at = y[a] * g.stride[a] + coords[e * N + a] - g.pad[a];
+                                    inside = inside && at >= 0;
+                                }
+                                inside = inside && at < src_sizes[a];
+                                off = off * src_sizes[a] + at;
+                            }
+                            if (inside) acc += val[e] * Scalar<T>::load(plane_src[off]);
+                        }
+                    }
                 }
-                if (inside) acc += tap_val[row * g.cap + t] * Scalar<T>::load(plane[off]);
             }
+            if (active) dst[plane * dst_cells + q] = Scalar<T>::store(acc);
         }
-        grad_x[q] = Scalar<T>::store(acc);
     }
 }
 
