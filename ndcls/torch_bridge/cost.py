@@ -25,10 +25,12 @@ docs/torch.md ("Choosing the route") records the run and the rule used to set th
 choice can be checked against measurement with ``ndcls bench --sections conv``, which prints the
 route "auto" picks next to the measured times.
 
-"auto" never picks the direct route where the layer cannot use it as is: on CUDA tensors (the
-rates are CPU rates; GPU kernels have not been measured), where the default backend has no
-``conv`` (:func:`direct_available`), with a non-zero ``padding_mode`` (the input would be padded
-by copy first) and for ``Dcls2dK1d``'s reshaped kernel.
+CUDA tensors use :data:`GPU_RATES` (construct + cuDNN against the cupy backend's direct
+convolution, measured on an H100), with the direct route's taps counted merged per channel pair
+(the GPU kernels list each touched cell of a row once). "auto" never picks the direct route where
+the layer cannot use it as is: where the default backend has no ``conv``
+(:func:`direct_available`), with a non-zero ``padding_mode`` (the input would be padded by copy
+first) and for ``Dcls2dK1d``'s reshaped kernel.
 """
 
 from __future__ import annotations
@@ -77,13 +79,13 @@ RATES = Rates(
 #: "Direct convolution on the GPU"). On the GPU the direct route lists each row's touched cells
 #: once (merged), so its work per row is at most the kernel's cells (:func:`estimate`).
 GPU_RATES = Rates(
-    dense_depthwise=4.58e11,
-    dense_mixing=1.73e13,
-    direct_depthwise=1.07e12,
-    direct_mixing=2.31e11,
+    dense_depthwise=4.64e11,
+    dense_mixing=1.69e13,
+    direct_depthwise=6.34e11,
+    direct_mixing=2.71e11,
     construct_per_element=1.0e-8,
-    call_construct=2.0e-3,
-    call_direct=3.0e-3,
+    call_construct=1.92e-3,
+    call_direct=2.89e-3,
 )
 
 

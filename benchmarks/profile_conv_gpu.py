@@ -1,0 +1,80 @@
+"""Where the cupy direct convolution spends its time: each stage of ``ndcls.kernels.cupy_conv``
+timed alone with CUDA events (median of repeats), on the GPU benchmark shapes (array API,
+float32). Needs a GPU.
+
+    PYTHONPATH=. python benchmarks/profile_conv_gpu.py [--repeats 10]
+"""
+
+import argparse
+import statistics
+import sys
+
+import numpy as np
+
+
+def _time(fn, repeats):
+    import cupy
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    import cupy
+
+    import ndcls
+    from ndcls._api import _prepare_conv
+    from ndcls.bench.conv import GPU_CASES
+    from ndcls.kernels import cupy_conv as cc
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    print("| case | interp | K+mark+compact ms | forward ms | grad_input ms | dL/dK taps ms | conv ms | conv_grad ms | taps/row |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    for case in GPU_CASES:
+        n = case.ndim
+        interp = "bilinear" if case.version == "v0" else "gauss"
+        cin, cout, g = case.in_channels, case.out_channels, case.groups
+        x = cupy.asarray(rng.standard_normal(case.input_shape, dtype=np.float32))
+        w = cupy.asarray(rng.standard_normal((cout, cin // g, case.count), dtype=np.float32))
+        p = cupy.asarray(rng.uniform(0, case.dilated - 1, size=(n, cout, cin // g, case.count)).astype(np.float32))
+        s = None if interp == "bilinear" else cupy.full(p.shape, 0.5, dtype=np.float32)
+        kw = dict(sigma=s, interpolation=interp, padding=case.padding, groups=g, backend="cupy")
+        sizes = (case.dilated,) * n
+        y = ndcls.conv(x, w, p, sizes, **kw)
+        gy = cupy.asarray(rng.standard_normal(y.shape, dtype=np.float32))
+        call = _prepare_conv("conv", x, w, p, s, None, sizes, dict({k: v for k, v in kw.items() if k != "sigma"}, learned_dims=None, stride=1))
+        dev = cupy.cuda.Device().id
+        taps = cc._Taps(call.spec, call.weight, call.positions, call.sigma, dev)
+        out = cupy.empty(call.spec.output_shape, dtype=np.float32)
+        gx = cupy.empty(call.spec.input_shape, dtype=np.float32)
+        pl = taps.plan
+        it = np.int64 if pl.int64 else np.int32
+        partial = cupy.empty(pl.n_rows * pl.n_chunks * pl.cap, dtype=np.float32)
+        t_taps = _time(lambda: cc._Taps(call.spec, call.weight, call.positions, call.sigma, dev), args.repeats)
+        t_fwd = _time(lambda: cc._planes(taps.kernels["forward"], pl.forward, call.input, taps, out), args.repeats)
+        t_gin = _time(lambda: cc._planes(taps.kernels["grad_input"], pl.transposed, gy, taps, gx), args.repeats)
+        t_gk = _time(lambda: taps.kernels["grad_taps"](
+            (max(1, pl.n_rows * pl.n_chunks),), (pl.threads,),
+            (gy, call.input, taps.n_taps, taps.cell, partial, taps.geometry, it(pl.n_rows), it(pl.n_chunks)),
+            shared_mem=pl.threads * 4), args.repeats)  # fmt: skip
+        t_conv = _time(lambda: ndcls.conv(x, w, p, sizes, **kw), args.repeats)
+        t_grad = _time(lambda: ndcls.conv_grad(gy, x, w, p, sizes, **kw), args.repeats)
+        mean_taps = float(taps.n_taps.mean())
+        print(f"| {case.name} {case.input_shape} | {interp} | {t_taps:.3f} | {t_fwd:.3f} | {t_gin:.3f} | {t_gk:.3f} | "
+              f"{t_conv:.3f} | {t_grad:.3f} | {mean_taps:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
