@@ -178,7 +178,7 @@ register_backend(
         module="ndcls.kernels.cupy_backend",
         dtypes=("float16", "bfloat16", "float32", "float64"),
         install_hint="pip install 'ndcls[cuda]'",
-        description="CUDA C++ kernels compiled with NVRTC through CuPy RawModule (float16 and bfloat16 compute in float32)",
+        description="CUDA C++ kernels compiled with NVRTC (no flush-to-zero) and loaded through CuPy (float16 and bfloat16 compute in float32)",
     )
 )
 register_backend(

@@ -2,8 +2,9 @@
 
 The list comes from ``cupy_backend.specialisations()`` (the dispatcher's own enumeration) and the
 source from ``cupy_backend.kernel_source()`` with ``cupy_backend.COMPILE_OPTIONS``: exactly what
-CuPy's ``RawModule`` compiles at run time. All of them are lowered to PTX for compute_80 and
-compute_90; the largest (M = MAX_DIMS) are also assembled to SASS for sm_80 and sm_90.
+``cupy_backend.load_functions`` compiles at run time. All of them are lowered to PTX for compute_80
+and compute_90; the largest (M = MAX_DIMS) are also assembled to SASS for sm_80 and sm_90. The
+float32 PTX is checked for flush-to-zero instructions (CuPy's own compile path adds ``-ftz=true``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class CompileError(Exception):
     pass
 
 
-def nvrtc_compile(source: str, names, arch_option: str, *, cubin=False):
+def nvrtc_compile(source: str, names, arch_option: str, *, cubin=False, extra=()):
     """Compile ``source`` with the name expressions ``names``; returns (ptx or cubin, {name: lowered})."""
     nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
@@ -47,7 +48,7 @@ def nvrtc_compile(source: str, names, arch_option: str, *, cubin=False):
     try:
         for name in names:
             check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
-        options = [arch_option.encode(), *(o.encode() for o in cb.COMPILE_OPTIONS)]
+        options = [arch_option.encode(), *(o.encode() for o in (*cb.COMPILE_OPTIONS, *extra))]
         check(nvrtc.nvrtcCompileProgram(prog, len(options), options), prog)
         lowered = {name: check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))[0].decode() for name in names}
         if cubin:
@@ -136,3 +137,36 @@ def test_every_conv_specialisation_compiles_to_ptx(arch):
     assert set(lowered) == set(names)
     for name in lowered.values():
         assert f".entry {name}(" in ptx
+
+# -- IEEE float32: no flush to zero -----------------------------------------------------------------
+
+# libdevice's expf evaluates 2**x with ex2.approx.ftz on a range-reduced argument whatever -ftz
+# says; its result is scaled afterwards and keeps subnormals. Any other .ftz. instruction flushes.
+_FTZ_IN_EXPF = {"ex2.approx.ftz.f32"}
+
+
+def _ftz_instructions(ptx: str) -> set:
+    return {line.split()[0] for line in ptx.splitlines() if ".ftz." in line and not line.lstrip().startswith("//")}
+
+
+def test_compile_options_keep_subnormals():
+    options = cb.COMPILE_OPTIONS
+    assert "-ftz=false" in options and "-prec-div=true" in options and "-prec-sqrt=true" in options
+    assert not any(o.startswith(("-ftz=true", "--ftz=true", "-use_fast_math", "--use_fast_math")) for o in options)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "triangle", "gauss"])
+def test_float32_kernels_do_not_flush_subnormals(interpolation):
+    """The regression test for widths of 1e-42 read as 0 on a GPU: the PTX the backend itself
+    compiles (``compile_source``, the compiler behind ``load_functions``) has no ``.ftz.``
+    arithmetic; with ``-ftz=true`` it has plenty (checked too, so the test can fail)."""
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    key = cb.Specialisation("float32", 2, interpolation, False)
+    ptx, lowered = cb.compile_source(cb.kernel_source(), key.name_expressions, "-arch=compute_90")
+    ptx = ptx.decode()
+    assert all(f".entry {mangled}(" in ptx for mangled in lowered.values())
+    assert _ftz_instructions(ptx) <= _FTZ_IN_EXPF
+    if interpolation != "gauss":  # no exp: no .ftz. at all
+        assert not _ftz_instructions(ptx)
+    flushed, _ = nvrtc_compile(cb.kernel_source(), key.name_expressions, "--gpu-architecture=compute_90", extra=("-ftz=true",))
+    assert {"add.ftz.f32", "mul.ftz.f32", "fma.rn.ftz.f32"} <= _ftz_instructions(flushed)

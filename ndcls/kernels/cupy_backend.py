@@ -5,7 +5,9 @@ line-by-line transcription of :mod:`ndcls.kernels._element`). They are templates
 storage dtype, the number M of learned axes, the interpolation and the index type; one
 :class:`Specialisation` names one instantiation of the forward and the backward kernel.
 Sizes, strides, counts and batch are kernel arguments, so a new layer shape never recompiles.
-Compiled kernels are memoised per (device, specialisation); CuPy also caches binaries on disk.
+Compiled kernels are memoised per (device, specialisation) and cached on disk by
+:func:`load_functions`, which compiles with NVRTC itself: CuPy's ``RawModule(code=...)`` appends
+``-ftz=true``, which would flush float32 subnormals to zero.
 
 * forward: each CUDA block builds a range of ``K`` (a tile of whole batch kernels, or a chunk of
   one batch kernel that does not fit) in shared memory with shared-memory atomics and writes it
@@ -27,11 +29,17 @@ with NVRTC, see :func:`specialisations`) without CuPy or a GPU.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import os
 import re
+import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -39,8 +47,9 @@ from ndcls._arrays import cupy_on_device, import_cupy
 from ndcls._spec import INTERPOLATIONS, MAX_DIMS, KernelSpec
 from ndcls.kernels._element import INTERPOLATION_CODES
 
-#: NVRTC options, shared by the backend and the compile-only test.
-COMPILE_OPTIONS = ("--std=c++17",)
+#: NVRTC options, shared by the backend and the compile-only test. IEEE float32 like NumPy and
+#: torch: subnormals kept (CuPy's own compile path would add -ftz=true), exact division and sqrt.
+COMPILE_OPTIONS = ("--std=c++17", "-ftz=false", "-prec-div=true", "-prec-sqrt=true")
 #: Storage dtype -> C++ type in the kernels (float16 is a struct of IEEE half bits).
 CTYPES = {"float16": "ndcls::f16", "bfloat16": "ndcls::bf16", "float32": "float", "float64": "double"}
 #: Index types: 32-bit unless a flat index can come near 2**31 (see :func:`index_is_64bit`).
@@ -267,20 +276,164 @@ def _limits(device_id: int) -> DeviceLimits:
 
 
 def _kernels(device_id: int, key: Specialisation):
-    """Forward and backward kernels of ``key`` on ``device_id``, compiled once per device."""
+    """Forward and backward kernels of ``key`` on ``device_id`` (the current device), loaded once per device."""
     found = _KERNELS.get((device_id, key))
     if found is not None:
         return found
     with _LOCK:
         found = _KERNELS.get((device_id, key))
         if found is None:
-            cupy = _cupy()
-            module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=key.name_expressions)
-            found = tuple(module.get_function(name) for name in key.name_expressions)
+            functions = load_functions(kernel_source(), key.name_expressions)
+            found = tuple(functions[name] for name in key.name_expressions)
             optin = _limits(device_id).shared_optin
             for fn in found:  # allow launches up to the device's opt-in shared memory
                 fn.max_dynamic_shared_size_bytes = optin - fn.shared_size_bytes
             _KERNELS[(device_id, key)] = found
+    return found
+
+
+# -- compiling and loading modules (shared with the other CuPy kernel modules) --------------------
+
+#: Bumped when the layout of the disk cache changes.
+_CACHE_FORMAT = 1
+_MODULE_LOCK = threading.Lock()
+_MODULES: dict = {}  # (device id, source, name expressions) -> {name expression: kernel function}
+_FALLBACK_DIR: list = []  # a private temporary directory, once the cache directory proved unwritable
+
+
+class CompileError(RuntimeError):
+    """NVRTC rejected a source; the message holds NVRTC's log."""
+
+
+def cache_dir() -> Path:
+    """Where compiled modules are kept: ``$NDCLS_CACHE_DIR/cupy``, by default ``~/.cache/ndcls/cupy``."""
+    root = os.environ.get("NDCLS_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "ndcls")
+    return Path(root) / "cupy"
+
+
+def nvrtc_target(capability: int, supported) -> tuple[str, str]:
+    """``(-arch option, "cubin" or "ptx")`` for a device of ``capability`` (e.g. 90).
+
+    SASS for the device when NVRTC knows its architecture; otherwise PTX of the newest one
+    NVRTC supports below it, which the driver compiles for the device (as CuPy does).
+    """
+    if capability in supported:
+        return f"-arch=sm_{capability}", "cubin"
+    older = [arch for arch in supported if arch < capability]
+    if not older:
+        raise RuntimeError(f"NVRTC cannot generate code for compute capability {capability} (it supports {sorted(supported)})")
+    return f"-arch=compute_{max(older)}", "ptx"
+
+
+def compile_source(source: str, name_expressions, arch_option: str) -> tuple[bytes, dict[str, str]]:
+    """Compile ``source`` with :data:`COMPILE_OPTIONS` and ``arch_option`` (``-arch=sm_90`` gives a
+    cubin, ``-arch=compute_90`` PTX); returns ``(binary, {name expression: lowered name})``.
+
+    NVRTC only, no GPU needed. Raises :class:`CompileError` with NVRTC's log.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    options = (*COMPILE_OPTIONS, arch_option)
+    program = nvrtc.createProgram(source, "ndcls.cu", (), ())
+    try:
+        for name in name_expressions:
+            nvrtc.addNameExpression(program, name)
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(program)
+            raise CompileError(f"NVRTC could not compile the kernels ({exc}), options {' '.join(options)}:\n{log}") from None
+        lowered = {name: nvrtc.getLoweredName(program, name) for name in name_expressions}
+        binary = nvrtc.getPTX(program) if arch_option.startswith("-arch=compute_") else nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    return binary, lowered
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: readers in other
+    processes see the old file or the whole new one, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def compiled_module(source: str, name_expressions, capability: int) -> tuple[Path, dict[str, str]]:
+    """``(path of a cubin or PTX file, {name expression: lowered name})`` of ``source`` for a
+    device of ``capability``, from the disk cache or compiled into it (no GPU needed).
+
+    The cache key hashes the source, options, target, name expressions, NVRTC's and CuPy's
+    versions. Each entry is a binary and a JSON file of lowered names, written in that order,
+    each atomically, so an entry whose JSON file reads is complete.
+    """
+    import cupy
+    from cupy_backends.cuda.libs import nvrtc
+
+    names = tuple(dict.fromkeys(name_expressions))
+    arch_option, kind = nvrtc_target(capability, nvrtc.getSupportedArchs())
+    key = "\0".join((str(_CACHE_FORMAT), source, *COMPILE_OPTIONS, arch_option, *names, repr(nvrtc.getVersion()), cupy.__version__))
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    for directory in (cache_dir(), *_FALLBACK_DIR):
+        path = directory / f"{digest}.{kind}"
+        try:
+            lowered = json.loads(path.with_suffix(".json").read_text())
+            if path.is_file() and sorted(lowered) == sorted(names):
+                return path, lowered
+        except (OSError, ValueError):
+            pass  # absent or unreadable: compile (again) and overwrite
+    binary, lowered = compile_source(source, names, arch_option)
+    try:
+        return _store(cache_dir(), f"{digest}.{kind}", binary, lowered)
+    except OSError as exc:
+        if not _FALLBACK_DIR:
+            _FALLBACK_DIR.append(Path(tempfile.mkdtemp(prefix="ndcls-cupy-")))
+            warnings.warn(f"ndcls: cannot write the kernel cache in {cache_dir()} ({exc}); set NDCLS_CACHE_DIR. "
+                          f"Using {_FALLBACK_DIR[0]} for now", RuntimeWarning, stacklevel=3)
+        return _store(_FALLBACK_DIR[0], f"{digest}.{kind}", binary, lowered)
+
+
+def _store(directory: Path, name: str, binary: bytes, lowered: dict) -> tuple[Path, dict[str, str]]:
+    """Write one cache entry: the binary first, then its JSON file of lowered names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    _write_atomically(path, binary)
+    _write_atomically(path.with_suffix(".json"), json.dumps(lowered, indent=0).encode())
+    return path, lowered
+
+
+def load_functions(source: str, name_expressions: tuple[str, ...]) -> dict[str, "cupy.RawKernel"]:
+    """Compile ``source`` for the current device with :data:`COMPILE_OPTIONS` (``-ftz=false``, no
+    fast math), load it and return ``{name_expression: kernel function}``; cached per (device,
+    source, names) in memory and on disk (:func:`compiled_module`).
+
+    ``name_expressions`` are C++ expressions naming ``__global__`` functions, e.g. template
+    instantiations such as ``ndcls::construct_kernel<float, 2, 2, int>``. The functions are the
+    ``RawKernel`` objects of ``cupy.RawModule(path=...)``, called as
+    ``fn(grid, block, args, shared_mem=...)``. Raises :class:`CompileError`, with NVRTC's log,
+    if the source does not compile. Use this, not ``RawModule(code=...)``, which adds ``-ftz=true``.
+    """
+    cupy = _cupy()
+    names = tuple(dict.fromkeys(name_expressions))  # without repeats, in order
+    device = cupy.cuda.Device()
+    key = (device.id, source, names)
+    found = _MODULES.get(key)
+    if found is not None:
+        return found
+    with _MODULE_LOCK:
+        found = _MODULES.get(key)
+        if found is None:
+            path, lowered = compiled_module(source, names, int(device.compute_capability))
+            module = cupy.RawModule(path=str(path))
+            found = {name: module.get_function(lowered[name]) for name in names}
+            _MODULES[key] = found
     return found
 
 
@@ -356,12 +509,3 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
         return tuple(None if x is None else x.get() for x in grads)
     return grads
 
-
-def load_functions(source: str, name_expressions: tuple) -> dict:
-    """TEMPORARY (replaced by the FTZ-free loader): {name expression: kernel} of ``source``."""
-    key = (_cupy().cuda.Device().id, source, name_expressions)
-    found = _KERNELS.get(key)
-    if found is None:
-        module = _cupy().RawModule(code=source, options=COMPILE_OPTIONS, name_expressions=name_expressions)
-        found = _KERNELS[key] = {name: module.get_function(name) for name in name_expressions}
-    return found

@@ -46,10 +46,16 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import cuda, float64, int64
 
 from ndcls._spec import MAX_DIMS
 from ndcls.kernels import _element
+
+# numba-cuda (0.30 included) runs overload(np.row_stack) when its compiler loads; NumPy 2.5 removed
+# that alias. This only restores the removed alias, identical to vstack, before numba.cuda loads.
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+
+from numba import cuda, float64, int64  # noqa: E402
 
 _valid = cuda.jit(device=True)(_element.element_valid)
 _support = cuda.jit(device=True)(_element.support)
