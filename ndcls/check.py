@@ -7,6 +7,9 @@ float16, bfloat16), and every result is compared with the float64 NumPy referenc
 from the same rounded inputs, within the per-dtype tolerances of :mod:`ndcls._tolerances`.
 One table row per (backend, dtype): cases run, the worst error as a fraction of the
 tolerance (<= 1 passes), NaN patterns, time. Any disagreement or error fails the check.
+Backends with the direct convolution also run ``conv`` and ``conv_grad`` on a few cases
+(:data:`CONV_CASES`: depthwise 2-D, strided 1-D, N-M-D 3-D with shared positions and groups)
+in float32 and float64, against the NumPy reference on the same rounded inputs.
 
 Where the inputs come from: NumPy arrays for the CPU backends (bfloat16 through torch CPU
 tensors, NumPy having none), CuPy arrays for the GPU backends (bfloat16 through torch CUDA
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import ndcls
+from ndcls._registry import operation_backends
 from ndcls._tolerances import TOLERANCES, worst_error
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -79,6 +83,74 @@ def cases(*, small: bool, large: bool = True, huge: bool = False) -> list[Case]:
             )
         )  # fmt: skip
     return out
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """A direct-convolution case (``ndcls.conv`` and ``ndcls.conv_grad``, float32 and float64)."""
+
+    name: str
+    input_shape: tuple  # (batch, in_channels, *spatial)
+    out_channels: int
+    groups: int
+    sizes: tuple
+    learned_dims: tuple | None
+    interpolation: str
+    count: int
+    stride: int = 1
+    padding: object = 0
+    shared: bool = False  # positions (and sigma) shared by every channel pair
+    seed: int = 0
+
+
+CONV_CASES = (
+    ConvCase("conv 2-D depthwise 17x17 count 34 bilinear 'same'", (2, 8, 20, 18), 8, 8, (17, 17), None, "bilinear", 34, padding="same"),
+    ConvCase("conv 1-D 6->4 size 33 count 3 gauss stride 2", (3, 6, 40), 4, 1, (33,), None, "gauss", 3, stride=2, padding=5, seed=1),
+    ConvCase("conv 3-D N-M-D (2, 0) triangle groups 2 shared", (2, 4, 7, 6, 8), 6, 2, (4, 3, 5), (2, 0), "triangle", 3, padding=1, shared=True, seed=2),
+)
+CONV_DTYPES = ("float32", "float64")
+
+
+def _conv_problem(case: ConvCase):
+    """float64 ``(input, weight, positions, sigma, grad_output)`` of a conv case (one invalid element)."""
+    rng = np.random.default_rng(100 + case.seed)
+    n = len(case.sizes)
+    learned = tuple(range(n)) if case.learned_dims is None else case.learned_dims
+    dense = tuple(case.sizes[a] for a in range(n) if a not in learned)
+    cin = case.input_shape[1]
+    x = rng.standard_normal(case.input_shape)
+    w = rng.standard_normal((case.out_channels, cin // case.groups, *dense, case.count))
+    pairs = (1, 1) if case.shared else w.shape[:2]
+    rows = np.array([case.sizes[a] for a in learned], dtype=np.float64).reshape(-1, *([1] * w.ndim))
+    p = rng.uniform(-0.3, 1.1, size=(len(learned), *pairs, *w.shape[2:])) * (rows - 1)
+    s = rng.uniform(0.4, 2.0, size=p.shape) if case.interpolation != "bilinear" else None
+    p[(0,) * p.ndim] = np.nan  # an invalid element: contributes nothing, NaN gradients
+    out = ndcls.ConvSpec.from_arguments(
+        input_shape=x.shape, input_dtype=x.dtype, weight_shape=w.shape, weight_dtype=w.dtype,
+        positions_shape=p.shape, positions_dtype=p.dtype, sigma_shape=None if s is None else s.shape,
+        sigma_dtype=None if s is None else s.dtype, sizes=case.sizes, interpolation=case.interpolation,
+        learned_dims=case.learned_dims, stride=case.stride, padding=case.padding, groups=case.groups,
+    ).output_shape  # fmt: skip
+    return x, w, p, s, rng.standard_normal(out)
+
+
+def run_conv_case(row: "Row", case: ConvCase, lib: "_Library") -> float:
+    """``conv`` and ``conv_grad`` of ``case`` on ``row.backend`` against the float64 reference."""
+    x, w, p, s, g = (lib.rounded(a) for a in _conv_problem(case))
+    kw = dict(interpolation=case.interpolation, learned_dims=case.learned_dims, stride=case.stride,
+              padding=case.padding, groups=case.groups)
+    xi, wi, pi, si, gi = (lib.put(a) for a in (x, w, p, s, g))
+    start = time.perf_counter()
+    out = ndcls.conv(xi, wi, pi, case.sizes, sigma=si, backend=row.backend, **kw)
+    grads = ndcls.conv_grad(gi, xi, wi, pi, case.sizes, sigma=si, backend=row.backend, **kw)
+    lib.synchronize()
+    seconds = time.perf_counter() - start
+    want_out = ndcls.conv(x, w, p, case.sizes, sigma=s, backend="numpy", **kw)
+    want_grads = ndcls.conv_grad(g, x, w, p, case.sizes, sigma=s, backend="numpy", **kw)
+    _compare(row, case, "conv output", lib.get(out), want_out, lib.dtype)
+    for name, got, want in zip(("grad_input", "grad_weight", "grad_positions", "grad_sigma"), grads, want_grads):
+        _compare(row, case, f"conv {name}", lib.get(got), want, lib.dtype)
+    return seconds
 
 
 # -- inputs and results in each array library -----------------------------------------------------
@@ -337,6 +409,18 @@ def run(backends=None, dtypes=DTYPES, *, quick=False, large=True, huge=True, pro
                     row.seconds += run_case(row, case, lib)
                     row.cases += 1
                 except Exception as exc:  # a crash is a failure of the check, with its cause
+                    row.failures.append(f"{case.name}: {type(exc).__name__}: {exc}")
+                    if os.environ.get("NDCLS_CHECK_TRACEBACK"):
+                        traceback.print_exc()
+            if dtype not in CONV_DTYPES or backend not in operation_backends("conv"):
+                continue
+            for case in CONV_CASES[:1] if sim else CONV_CASES:
+                if progress:
+                    progress(f"{backend} {dtype}: {case.name}")
+                try:
+                    row.seconds += run_conv_case(row, case, lib)
+                    row.cases += 1
+                except Exception as exc:
                     row.failures.append(f"{case.name}: {type(exc).__name__}: {exc}")
                     if os.environ.get("NDCLS_CHECK_TRACEBACK"):
                         traceback.print_exc()
