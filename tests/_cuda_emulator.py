@@ -11,8 +11,17 @@ as the backend receives them: call :func:`construct`/:func:`construct_grad` with
 spec); the PTX conversions of float16's loads and stores are rewritten into the emulation's own,
 bit-exact ones (:func:`translate_ptx`); a PTX statement it does not know stops the build.
 
-This module is a backend module in the sense of ``ndcls._registry`` (host arrays), registered
-by the test that uses it under the name "cupy-emulated".
+The direct convolution's kernels (``cupy_conv``, source ``dcls_conv.cu``, which includes
+``dcls.cu``: one library per dtype holds both) run the same way: :func:`conv` and
+:func:`conv_grad` follow ``cupy_conv``'s pipeline step by step on host arrays, with the plan,
+specialisation and geometry of ``cupy_conv.call_plan`` for the ``LIMITS`` device and grids cut
+to at most ``MAX_GRID`` blocks per axis (the kernels' grid-stride loops then take several
+turns); scratch buffers that the GPU allocates uninitialised are poisoned here. float32 and
+float64, N <= 3.
+
+This module is a backend module in the sense of ``ndcls._registry`` (host arrays), with the
+``conv`` operation too, registered under the name "cupy-emulated" by the tests that use it
+(``_harness.registered``).
 """
 
 from __future__ import annotations
@@ -28,12 +37,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ndcls._spec import gauss_cut
 from ndcls.kernels import cupy_backend as cb
+from ndcls.kernels import cupy_conv as cc
 
 HEADER = Path(__file__).parent / "cuda_emulation" / "cuda_host.h"
 #: A made-up device: 2 SMs, 4 KiB of shared memory per block (8 KiB opting in).
 LIMITS = cb.DeviceLimits(n_sm=2, shared_default=4096, shared_optin=8192, capability=(8, 0))
 THREADS = 64
+#: the most blocks along each grid axis of a conv kernel's launch (OS threads are costly)
+MAX_GRID = 3
+#: dynamic shared memory a block gets on every CUDA device without opting in
+SHARED_DEFAULT = 48 * 1024
+CONV_SOURCE = "dcls_conv.cu"
+CONV_MAX_NDIM = 3  # the conv specialisations built (the harness draws N <= 3)
 DTYPES = ("float16", "float32", "float64")
 #: PTX storage formats of ``cvt`` -> (exponent bits, mantissa bits) of emu::narrow / emu::widen.
 PTX_FORMATS = {"f16": (5, 10)}
@@ -101,19 +118,77 @@ extern "C" void construct_grad_{tag}(int grid, int threads, int group, const voi
 
 _LIBRARIES: dict = {}
 
+#: Parameters of the conv kernels by role (``cupy_conv.ConvSpecialisation.names``), in order:
+#: T the storage type, I the index type, A the accumulator; Layout and Geometry by value.
+CONV_PARAMS = {
+    "mark": ("const T*", "const T*", "unsigned char*", "Layout", "I", "I", "I", "I", "double"),
+    "compact": ("const T*", "const unsigned char*", "I*", "I*", "A*", "I", "I", "I"),
+    "forward": ("const T*", "const I*", "const I*", "const A*", "T*", "Geometry", "int", "int"),
+    "grad_input": ("const T*", "const I*", "const I*", "const A*", "T*", "Geometry", "int", "int"),
+    "grad_taps": ("const T*", "const T*", "const I*", "const I*", "A*", "Geometry", "I", "I"),
+    "scatter": ("const I*", "const I*", "const A*", "T*", "I", "I", "I", "I"),
+}
 
-def library(keys) -> ctypes.CDLL:
-    """A shared library with the forward and backward kernels of ``keys`` (compiled once, cached on disk)."""
+
+def conv_symbol(role: str, name: str) -> str:
+    """The wrapper's C symbol for the kernel template instance ``name`` (as in ``names``)."""
+    return f"conv_{role}_" + re.sub(r"\W+", "_", name).strip("_")
+
+
+def _conv_wrapper(role: str, name: str, key: cc.ConvSpecialisation) -> str:
+    types = {"T": CTYPES[key.dtype], "I": cb.INDEX_TYPES[key.int64]}
+    types["A"] = f"typename ndcls::Scalar<{types['T']}>::acc"
+    params, args = [], []
+    for j, kind in enumerate(CONV_PARAMS[role]):
+        if kind.endswith("*"):
+            params.append(f"const void* a{j}")
+            args.append(f"({' '.join(types.get(w, w) for w in kind[:-1].split())}*)a{j}")
+        elif kind in ("Layout", "Geometry"):
+            struct = {"Layout": "Layout", "Geometry": "ConvGeometry"}[kind]
+            params.append(f"const void* a{j}")
+            args.append(f"*(const ndcls::{struct}<{types['I']}>*)a{j}")
+        elif kind == "I":
+            params.append(f"long long a{j}")
+            args.append(f"({types['I']})a{j}")
+        else:
+            params.append(f"{kind} a{j}")
+            args.append(f"a{j}")
+    return f"""
+extern "C" void {conv_symbol(role, name)}(int grid_x, int grid_y, int threads, {", ".join(params)}) {{
+    emu::launch_2d(&{name}, grid_x, grid_y, threads, threads, {", ".join(args)});
+}}
+"""
+
+
+def conv_keys(dtype: str):
+    """The conv specialisations of ``dtype`` the emulation builds (none for half precision)."""
+    return [k for k in cc.specialisations(CONV_MAX_NDIM) if k.dtype == dtype]
+
+
+def library(keys, conv=()) -> ctypes.CDLL:
+    """A shared library with the construction kernels of ``keys`` and the conv kernels of the
+    specialisations ``conv`` (compiled once, cached on disk)."""
     keys = tuple(sorted(set(keys), key=_tag))
-    if keys in _LIBRARIES:
-        return _LIBRARIES[keys]
-    # the kernels' Layout<I> must have the size of its NumPy twin, which the backend passes by value
+    conv = tuple(sorted(set(conv), key=repr))
+    if (keys, conv) in _LIBRARIES:
+        return _LIBRARIES[keys, conv]
+    # the kernels' Layout<I> and ConvGeometry<I> must have the sizes of their NumPy twins, which
+    # the backend passes by value
     checks = "".join(
-        f"static_assert(sizeof(ndcls::Layout<{cb.INDEX_TYPES[w]}>) == {cb.layout_dtype(w).itemsize});\n" for w in (False, True)
+        f"static_assert(sizeof(ndcls::Layout<{cb.INDEX_TYPES[w]}>) == {cb.layout_dtype(w).itemsize});\n"
+        f"static_assert(sizeof(ndcls::ConvGeometry<{cb.INDEX_TYPES[w]}>) == {cc.geometry_dtype(w).itemsize});\n"
+        for w in (False, True)
     )
-    source = f'#include "{HEADER}"\n' + translate_ptx(cb.kernel_source()) + checks + "".join(_wrappers(k) for k in keys)
+    wrappers = {}
+    for key in conv:
+        for role, name in key.names.items():
+            wrappers.setdefault(conv_symbol(role, name), _conv_wrapper(role, name, key))
+    source = (
+        f'#include "{HEADER}"\n' + translate_ptx(cb.kernel_source(CONV_SOURCE)) + checks
+        + "".join(_wrappers(k) for k in keys) + "".join(wrappers.values())
+    )  # fmt: skip
     lib = _build(source)
-    _LIBRARIES[keys] = lib
+    _LIBRARIES[keys, conv] = lib
     return lib
 
 
@@ -144,7 +219,12 @@ def _function(spec, name):
     key = cb.specialisation(spec)
     if key.n_learned > _MAX_LEARNED:
         raise ValueError(f"the emulation is built for M <= {_MAX_LEARNED}, got M = {key.n_learned}")
-    return key, getattr(library(all_keys(_MAX_LEARNED, key.dtype)), f"{name}_{_tag(key)}")
+    return key, getattr(_library(key.dtype), f"{name}_{_tag(key)}")
+
+
+def _library(dtype: str) -> ctypes.CDLL:
+    """The one library of ``dtype``: construction (M <= 4) and conv (N <= 3) kernels."""
+    return library(all_keys(_MAX_LEARNED, dtype), conv_keys(dtype))
 
 
 def _ptr(x):
@@ -197,3 +277,134 @@ extern "C" void widen_f16(const unsigned short* x, float* out, long n) {
 }
 """
     return _build(source)
+
+
+# -- the direct convolution (cupy_conv's pipeline, step by step, on host arrays) ------------------
+
+#: what scratch that the GPU allocates uninitialised holds here: NaN values, and tap slots naming
+#: plausible cells (slot t of a row: cell t, likely one that other slots of the row name too)
+_POISON = np.nan
+
+
+def _value(kind: str, arg, types: dict):
+    if kind.endswith("*"):  # an array of the kernel's element type
+        want = types[kind[:-1].split()[-1]]
+        assert arg.dtype == want and arg.flags.c_contiguous, f"{kind}: got a {arg.dtype} array, C order {arg.flags.c_contiguous}"
+        return ctypes.c_void_p(arg.ctypes.data)
+    if kind in ("Layout", "Geometry"):  # a 0-d structured array, its bytes passed by value
+        return ctypes.c_void_p(arg.ctypes.data)
+    if kind == "I":
+        return ctypes.c_longlong(int(arg))
+    if kind == "int":
+        return ctypes.c_int(int(arg))
+    return ctypes.c_double(float(arg))
+
+
+def _launch(key: cc.ConvSpecialisation, role: str, grid, threads: int, *args, shared: int = 0):
+    """Run the ``role`` kernel of ``key`` on at most MAX_GRID blocks along each grid axis."""
+    assert shared <= SHARED_DEFAULT, f"{role}: {shared} bytes of shared memory need opting in"
+    assert 1 <= threads <= 1024 and threads % 32 == 0, f"{role}: {threads} threads per block"
+    gx, gy = (grid, 1) if isinstance(grid, int) else grid
+    assert gx >= 1 and gy >= 1, f"{role}: empty grid {grid}"
+    kinds = CONV_PARAMS[role]
+    assert len(kinds) == len(args)
+    t = np.dtype(key.dtype)
+    types = {"T": t, "A": t if t == np.float64 else np.dtype(np.float32), "I": np.dtype(np.int64 if key.int64 else np.int32)}
+    types["char"] = np.dtype(np.uint8)
+    arrays = [np.array(a) if isinstance(a, np.void) else a for a in args]  # kept alive during the call
+    fn = getattr(_library(key.dtype), conv_symbol(role, key.names[role]))
+    fn(ctypes.c_int(min(gx, MAX_GRID)), ctypes.c_int(min(gy, MAX_GRID)), ctypes.c_int(threads),
+       *(_value(kind, a, types) for kind, a in zip(kinds, arrays)))  # fmt: skip
+
+
+def conv_plan(spec):
+    """``cupy_conv.call_plan`` on the emulated device: (plan, specialisation, geometry)."""
+    if spec.ndim > CONV_MAX_NDIM:
+        raise ValueError(f"the emulation builds the conv kernels for N <= {CONV_MAX_NDIM}, got N = {spec.ndim}")
+    return cc.call_plan(spec, LIMITS.n_sm, THREADS)
+
+
+def _expand(a, spec):
+    """(M, Po, Pi, D, C) -> (M, B, D, C), contiguous."""
+    k = spec.kernel
+    if a is None:
+        return None
+    full = (k.n_learned, *k.batch_shape, k.n_dense, k.count)
+    return np.ascontiguousarray(np.broadcast_to(a, full)).reshape(k.n_learned, k.n_batch, k.n_dense, k.count)
+
+
+class _Taps:
+    """``K`` and its taps: ``n_taps (B,)``, ``cell``/``value (B * cap,)`` (cupy_conv._Taps)."""
+
+    def __init__(self, spec, weight, positions, sigma):
+        k = spec.kernel
+        self.plan, self.key, self.geometry = conv_plan(spec)
+        p = self.plan
+        it = np.int64 if p.int64 else np.int32
+        self.it = it
+        self.weight = weight.reshape(k.n_batch, k.n_dense, k.count)
+        self.positions, self.sigma = _expand(positions, spec), _expand(sigma, spec)
+        self.kernel = construct(k, self.weight, self.positions, self.sigma)
+        acc = np.float64 if k.dtype == np.float64 else np.float32
+        mask = np.zeros(p.n_rows * p.cells, dtype=np.uint8)
+        n_elements = k.n_batch * k.n_dense * k.count
+        layout = cb.layout_value(k.sizes, k.learned_dims, p.int64)
+        radius = gauss_cut(k.dtype) if k.interpolation == "gauss" else 0.0
+        sigma_arg = self.positions if self.sigma is None else self.sigma
+        _launch(
+            self.key, "mark", p.grid(n_elements, LIMITS.n_sm), p.threads,
+            self.positions, sigma_arg, mask, layout, k.n_batch, k.n_dense, k.count, k.block, radius,
+        )  # fmt: skip
+        self.n_taps = np.full(p.n_rows, p.cap, dtype=it)  # poisoned: compact must write every count
+        self.cell = (np.arange(p.n_rows * p.cap) % p.cells).astype(it)
+        self.value = np.full(p.n_rows * p.cap, _POISON, dtype=acc)
+        _launch(
+            self.key, "compact", max(1, min(p.n_rows, 2**31 - 1)), p.compact_threads,
+            self.kernel, mask, self.n_taps, self.cell, self.value, p.n_rows, p.cells, p.cap,
+            shared=4 * p.compact_threads,
+        )  # fmt: skip
+
+    def planes(self, role, st: cc.Stage, src, dst):
+        _launch(self.key, role, st.grid, st.threads, src, self.n_taps, self.cell, self.value, dst, self.geometry,
+                st.rows, st.span, shared=st.shared)  # fmt: skip
+
+
+def conv(spec, input, weight, positions, sigma, out=None):
+    """``(batch, out_channels, *out_spatial)``, written into ``out`` when given (as the kernel
+    writes it: the tests see any write outside the output)."""
+    result = np.full(spec.output_shape, np.nan, dtype=spec.dtype) if out is None else out
+    if result.size:
+        if weight.size == 0 or input.size == 0:
+            result.fill(0)
+        else:
+            taps = _Taps(spec, weight, positions, sigma)
+            taps.planes("forward", taps.plan.forward, input, result)
+    return result
+
+
+def conv_grad(spec, grad_output, input, weight, positions, sigma):
+    """``(grad_input, grad_weight (B, D, C), grad_positions, grad_sigma)`` (cupy_conv.conv_grad)."""
+    k = spec.kernel
+    grad_x = np.zeros(spec.input_shape, dtype=spec.dtype)
+    grad_kernel = np.zeros((k.n_batch, k.block), dtype=spec.dtype)
+    if weight.size and input.size and grad_output.size:
+        taps = _Taps(spec, weight, positions, sigma)
+        p, it = taps.plan, taps.it
+        taps.planes("grad_input", p.transposed, grad_output, grad_x)
+        partial = np.full(p.n_rows * p.n_chunks * p.cap, _POISON, dtype=taps.value.dtype)
+        blocks = p.n_rows * p.n_chunks
+        _launch(
+            taps.key, "grad_taps", max(1, min(blocks, 2**31 - 1)), p.threads,
+            grad_output, input, taps.n_taps, taps.cell, partial, taps.geometry, p.n_rows, p.n_chunks,
+            shared=p.threads * taps.value.dtype.itemsize,
+        )  # fmt: skip
+        _launch(
+            taps.key, "scatter", p.grid(p.n_rows * p.cap, LIMITS.n_sm), p.threads,
+            taps.n_taps, taps.cell, partial, grad_kernel, p.n_rows, p.cells, p.cap, p.n_chunks,
+        )  # fmt: skip
+        positions_full, sigma_full, weight_rows = taps.positions, taps.sigma, taps.weight
+    else:
+        positions_full, sigma_full = _expand(positions, spec), _expand(sigma, spec)
+        weight_rows = weight.reshape(k.n_batch, k.n_dense, k.count)
+    grad_w, grad_p, grad_s = construct_grad(k, grad_kernel, weight_rows, positions_full, sigma_full)
+    return grad_x, grad_w, cc._reduce(grad_p, positions, spec), None if sigma is None else cc._reduce(grad_s, sigma, spec)

@@ -61,3 +61,18 @@ def _full_float32_on_gpu(request):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def _harness_emulation(request):
+    """A test parametrised with an emulated backend (tests/_harness.py, EMULATIONS) runs with it
+    registered; the registry is restored afterwards."""
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("backend") if callspec is not None else None
+    if not isinstance(name, str):
+        yield
+        return
+    from _harness import registered
+
+    with registered(name):
+        yield

@@ -188,8 +188,8 @@ def test_conv_is_deterministic(backend):
     kw = dict(sigma=s, interpolation="gauss", groups=groups, padding="same", backend=backend)
     # cupy builds K with shared-memory atomics (the construction kernel): the output and the
     # input gradient, which read K, may differ in the last bit between calls; the element
-    # gradients, which do not, are bitwise equal (docs/conv.md, "GPU").
-    same_k = np.testing.assert_array_equal if backend != "cupy" else assert_close
+    # gradients, which do not, are bitwise equal (docs/conv.md, "GPU"); its emulation too.
+    same_k = np.testing.assert_array_equal if backend not in ("cupy", "cupy-emulated") else assert_close
     first = ndcls.conv(x, w, p, sizes, **kw)
     same_k(ndcls.conv(x, w, p, sizes, **kw), first)
     g = rng.standard_normal(first.shape)
@@ -270,7 +270,7 @@ BAD = {
     "same with stride": (dict(padding="same", stride=2), ValueError, r"padding='same' needs stride 1"),
     "groups zero": (dict(groups=0), ValueError, r"groups must be >= 1, got 0"),
     "positions channels": (dict(positions=P[:, :3]), ValueError, r"positions must have shape .*got \(2, 3, 2, 3\)"),
-    "backend without conv": (dict(backend="cupy"), NotImplementedError, r"backend 'cupy' does not implement 'conv' yet; backends that do: \('numpy'"),
+    "backend without conv": (dict(backend="numba-cuda"), NotImplementedError, r"backend 'numba-cuda' does not implement 'conv' yet; backends that do: \('numpy'"),
 }
 
 

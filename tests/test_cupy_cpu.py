@@ -19,10 +19,10 @@ from hypothesis import assume, given, settings
 import _cuda_emulator as emu
 import ndcls
 from _cases import ADVERSARIAL, adversarial_cases, cases, check_against_reference, draw_positions, learned_row_sizes, poison
+from _harness import registered
 from _tolerances import assert_close
 from conftest import HAS_GPU
 from ndcls._api import _prepare
-from ndcls._registry import _BACKENDS
 from ndcls.kernels import cupy_backend as cb
 
 EMULATED = "cupy-emulated"
@@ -31,9 +31,8 @@ needs_gxx = pytest.mark.skipif(emu.compiler() is None, reason="needs g++ for the
 
 @pytest.fixture(scope="module")
 def emulated():
-    ndcls.register_backend(ndcls.Backend(name=EMULATED, device="cpu", module="_cuda_emulator", dtypes=emu.DTYPES))
-    yield EMULATED
-    _BACKENDS.pop(EMULATED, None)
+    with registered(EMULATED):
+        yield EMULATED
 
 
 def _compare(case, backend, **over):

@@ -182,11 +182,17 @@ def geometry_value(spec, p: ConvPlan) -> np.void:
     return value[()]
 
 
-@functools.lru_cache(maxsize=1024)
-def _call_plan(spec, device_id: int):
-    p = plan(spec, cb._limits(device_id).n_sm)
+def call_plan(spec, n_sm: int, threads: int = _THREADS) -> tuple[ConvPlan, ConvSpecialisation, np.void]:
+    """The plan of ``spec`` on a device of ``n_sm`` multiprocessors, the specialisation it runs
+    and its ``ConvGeometry<I>`` argument (pure: the CPU emulation of the kernels uses it too)."""
+    p = plan(spec, n_sm, threads)
     key = ConvSpecialisation(spec.kernel.dtype_name, spec.kernel.n_learned, spec.kernel.interpolation, spec.ndim, p.int64)
     return p, key, geometry_value(spec, p)
+
+
+@functools.lru_cache(maxsize=1024)
+def _call_plan(spec, device_id: int):
+    return call_plan(spec, cb._limits(device_id).n_sm)
 
 
 def _kernels(key: ConvSpecialisation) -> dict:

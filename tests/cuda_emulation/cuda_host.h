@@ -54,26 +54,37 @@ inline std::barrier<>& group_of(unsigned mask) {
     return *group_barriers[threadIdx.x / std::popcount(mask)];
 }
 
+// A launch of grid_x * grid_y blocks of `threads` threads (blocks one after another; lanes in
+// groups of `group` for __syncwarp and shuffles).
+template <typename Kernel, typename... Args>
+void launch_2d(Kernel kernel, int grid_x, int grid_y, int threads, int group, Args... args) {
+    blockDim.x = threads;
+    gridDim.x = grid_x;
+    gridDim.y = grid_y;
+    for (int by = 0; by < grid_y; ++by) {
+        for (int bx = 0; bx < grid_x; ++bx) {
+            std::barrier<> all(threads);
+            block_barrier = &all;
+            group_barriers.clear();
+            for (int g = 0; g < threads / group; ++g) group_barriers.emplace_back(new std::barrier<>(group));
+            std::memset(ndcls::smem_raw, 0xff, 1 << 16);  // shared memory starts as garbage (NaN)
+            std::vector<std::thread> pool;
+            for (int t = 0; t < threads; ++t) {
+                pool.emplace_back([=] {
+                    threadIdx.x = t;
+                    blockIdx.x = bx;
+                    blockIdx.y = by;
+                    kernel(args...);
+                });
+            }
+            for (auto& th : pool) th.join();
+        }
+    }
+}
+
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, int grid, int threads, int group, Args... args) {
-    blockDim.x = threads;
-    gridDim.x = grid;
-    for (int b = 0; b < grid; ++b) {
-        std::barrier<> all(threads);
-        block_barrier = &all;
-        group_barriers.clear();
-        for (int g = 0; g < threads / group; ++g) group_barriers.emplace_back(new std::barrier<>(group));
-        std::memset(ndcls::smem_raw, 0xff, 1 << 16);  // shared memory starts as garbage (NaN)
-        std::vector<std::thread> pool;
-        for (int t = 0; t < threads; ++t) {
-            pool.emplace_back([=] {
-                threadIdx.x = t;
-                blockIdx.x = b;
-                kernel(args...);
-            });
-        }
-        for (auto& th : pool) th.join();
-    }
+    launch_2d(kernel, grid, 1, threads, group, args...);
 }
 }  // namespace emu
 

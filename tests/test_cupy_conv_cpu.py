@@ -1,0 +1,299 @@
+"""CPU-only checks of the "cupy" backend's direct convolution (ndcls/kernels/cupy_conv.py).
+
+* Its plan (pure arithmetic on shapes and device limits) on the benchmark shapes with an H100's
+  limits: tap capacity, chunks of the dL/dK reduction, the staged-tap launches, index width.
+* Its CUDA kernels (cuda/dcls_conv.cu) under the g++ host emulation (tests/_cuda_emulator.py)
+  against the NumPy reference, on shapes that reach the code paths the shared harness's small
+  cases do not (several chunks, several staging passes, long rows, grid-stride loops, the
+  GPU's own grid sizes) and with 64-bit indices. The harness itself (tests/test_conv.py) also
+  runs on "cupy-emulated".
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import _cuda_emulator as emu
+import ndcls
+from _conv_cases import conv_cases
+from _harness import registered
+from _tolerances import assert_close
+from ndcls.bench.conv import GPU_CASES
+from ndcls.kernels import cupy_backend as cb
+from ndcls.kernels import cupy_conv as cc
+
+EMULATED = "cupy-emulated"
+needs_gxx = pytest.mark.skipif(emu.compiler() is None, reason="needs g++ for the host emulation")
+H100_SMS = 132
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    with registered(EMULATED):
+        yield EMULATED
+
+
+# -- the plan with real device limits ----------------------------------------------------------------
+
+
+def _bench_spec(case, interpolation):
+    """The ConvSpec of a benchmark case (every axis learned, as the layers do)."""
+    n, batch = case.ndim, case.input_shape[0]
+    w = (case.out_channels, case.in_channels // case.groups, case.count)
+    p = (n, *w)
+    sigma = p if interpolation != "bilinear" else None
+    return ndcls.ConvSpec.from_arguments(
+        input_shape=(batch, case.in_channels, *case.input_shape[2:]), input_dtype="float32",
+        weight_shape=w, weight_dtype="float32", positions_shape=p, positions_dtype="float32",
+        sigma_shape=sigma, sigma_dtype=None if sigma is None else "float32", sizes=(case.dilated,) * n,
+        interpolation=interpolation, learned_dims=None, padding=case.padding, groups=case.groups,
+    )  # fmt: skip
+
+
+def _conv_spec(input_shape, weight_shape, sizes, interpolation="gauss", groups=1, padding="same", learned=None):
+    m = len(sizes) if learned is None else len(learned)
+    p = (m, *weight_shape)
+    sigma = p if interpolation != "bilinear" else None
+    return ndcls.ConvSpec.from_arguments(
+        input_shape=input_shape, input_dtype="float32", weight_shape=weight_shape, weight_dtype="float32",
+        positions_shape=p, positions_dtype="float32", sigma_shape=sigma, sigma_dtype=None if sigma is None else "float32",
+        sizes=sizes, interpolation=interpolation, learned_dims=learned, padding=padding, groups=groups,
+    )  # fmt: skip
+
+
+def _flat_sizes(spec, p):
+    k = spec.kernel
+    return (
+        spec.batch * spec.in_channels * math.prod(spec.spatial),
+        spec.batch * spec.out_channels * math.prod(spec.out_spatial),
+        p.n_rows * p.cells,
+        p.n_rows * p.n_chunks * p.cap,
+        k.n_learned * k.n_batch * k.n_dense * k.count,
+    )
+
+
+def _check_plan(spec, n_sm):
+    """Invariants of cupy_conv.plan that the kernels rely on (and that fill the device)."""
+    k = spec.kernel
+    p = cc.plan(spec, n_sm)
+    assert p.n_rows == spec.out_channels * spec.group_in == k.n_batch
+    assert p.cells == k.block
+    assert 1 <= p.cap <= p.cells
+    if k.interpolation == "bilinear":
+        assert p.cap == min(p.cells, k.n_dense * k.count * 2**k.n_learned)
+    else:
+        assert p.cap == p.cells
+    # dL/dK: n_rows * n_chunks blocks, enough to fill the device unless a chunk would get
+    # fewer than 4 values per thread
+    work = spec.batch * math.prod(spec.out_spatial)
+    assert p.n_chunks >= 1
+    blocks = p.n_rows * p.n_chunks
+    assert 1 <= blocks <= 2**31 - 1
+    if p.n_chunks > 1:
+        assert work // p.n_chunks >= 4 * p.threads
+        assert (p.n_chunks - 1) * p.n_rows < 8 * n_sm  # no more chunks than filling the device needs
+    else:
+        assert p.n_rows >= 8 * n_sm or work < 8 * p.threads
+    # index width: 32-bit only while every flat index (and a grid-stride step past it) fits
+    if not p.int64:
+        assert max(_flat_sizes(spec, p)) < 2**30
+    # grids of the grid-stride loops and of the staged-tap kernel
+    for items in (k.n_batch * k.n_dense * k.count, p.n_rows * p.cap, 1, 0):
+        assert 1 <= p.grid(items, n_sm) <= 32 * 8 * n_sm
+    assert p.compact_threads % 32 == 0 and 32 <= p.compact_threads <= 256
+    for st, n_src, planes, plane_cells in (
+        (p.forward, spec.group_in, spec.batch * spec.out_channels, math.prod(spec.out_spatial)),
+        (p.transposed, spec.group_out, spec.batch * spec.in_channels, math.prod(spec.spatial)),
+    ):
+        assert 1 <= st.span <= p.cap and 1 <= st.rows <= n_src
+        assert st.shared <= cc.STAGE_BYTES <= 48 * 1024  # no opting in
+        assert st.threads % 32 == 0 and 64 <= st.threads <= 1024
+        tiles, walked = st.grid
+        assert tiles * st.threads >= plane_cells and (tiles - 1) * st.threads < plane_cells
+        assert 1 <= walked <= min(planes, 65535) or (planes == 0 and walked == 1)
+    geometry = cc.geometry_value(spec, p)
+    assert geometry.dtype == cc.geometry_dtype(p.int64)
+    assert geometry["cap"] == p.cap and geometry["cells"] == p.cells
+    return p
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "gauss"])
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c.version == "v0" and c.ndim < 3], ids=lambda c: c.name)
+def test_plan_on_the_benchmark_shapes_with_h100_limits(case, interpolation):
+    spec = _bench_spec(case, interpolation)
+    p = _check_plan(spec, H100_SMS)
+    assert not p.int64
+    if "ConvNeXt" in case.name:  # 96 depthwise rows of 17x17 cells; 34 bilinear elements touch <= 136
+        assert p.n_rows == 96 and p.cells == 289
+        assert p.cap == (136 if interpolation == "bilinear" else 289)
+        assert p.n_chunks == 11  # 96 * 11 blocks >= 8 per SM
+    if "DiffWave" in case.name:  # 4096 rows of 1025 cells; 3 bilinear elements touch <= 6
+        assert p.n_rows == 4096 and p.cap == (6 if interpolation == "bilinear" else 1025) and p.n_chunks == 1
+    if "delays" in case.name:  # 256 * 700 rows, one element each: 2 bilinear taps
+        assert p.n_rows == 256 * 700 and p.cap == (2 if interpolation == "bilinear" else 250) and p.n_chunks == 1
+
+
+@pytest.mark.parametrize("batch, wide", [(63, False), (64, True)])
+def test_plan_takes_64bit_indices_when_a_flat_index_reaches_2_30(batch, wide):
+    """A depthwise 3x3 over 256 channels of 256 x 256: K, positions and taps are small, the
+    input and output hold batch * 2**24 values (2**30 at batch 64)."""
+    spec = _conv_spec((batch, 256, 256, 256), (256, 1, 3), (3, 3), groups=256)
+    assert not cb.index_is_64bit(spec.kernel)
+    p = _check_plan(spec, H100_SMS)
+    assert p.int64 == wide
+    assert max(_flat_sizes(spec, p)) == batch * 2**24
+
+
+def test_plan_on_a_small_device_splits_long_rows_into_chunks():
+    spec = _conv_spec((2, 2, 1000), (2, 1, 2), (5,), groups=2)
+    p = _check_plan(spec, emu.LIMITS.n_sm)
+    assert p.n_chunks == 1  # 256 threads: 2000 values are too few to split
+    p = _check_plan(spec, H100_SMS)
+    assert p.n_chunks == 1
+    p = cc.plan(spec, emu.LIMITS.n_sm, threads=emu.THREADS)
+    assert p.n_chunks == 7  # 64 threads: 2000 // 256 chunks, fewer than the 8 that fill 2 SMs
+
+
+# -- the kernels, emulated -------------------------------------------------------------------------
+
+
+def _compare(backend, x, w, p, sizes, **kw):
+    out = ndcls.conv(x, w, p, sizes, backend=backend, **kw)
+    assert_close(out, ndcls.conv(x, w, p, sizes, backend="numpy", **kw), what="output")
+    g = np.random.default_rng(7).standard_normal(out.shape).astype(x.dtype)
+    got = ndcls.conv_grad(g, x, w, p, sizes, backend=backend, **kw)
+    expected = ndcls.conv_grad(g, x, w, p, sizes, backend="numpy", **kw)
+    for name, a, e in zip(("input", "weight", "positions", "sigma"), got, expected):
+        if e is None:
+            assert a is None, f"grad_{name} must be None"
+        else:
+            assert a.shape == e.shape
+            assert_close(a, e, what=f"grad_{name}")
+
+
+def _forced(monkeypatch, int64=None, stage_bytes=None):
+    """Patch cupy_conv's plan: force the index width, or stage the taps in ``stage_bytes``."""
+    if int64 is not None:
+        plan = cc.plan
+        monkeypatch.setattr(cc, "plan", lambda *a, **kw: replace(plan(*a, **kw), int64=int64))
+    if stage_bytes is not None:
+        monkeypatch.setattr(cc, "stage", functools.partial(cc.stage, budget=stage_bytes))
+
+
+def _arrays(rng, x_shape, w_shape, sizes, learned, interpolation, dtype, spread=1.0):
+    m = len(learned)
+    rows = np.array([sizes[a] for a in learned], dtype=float).reshape((m,) + (1,) * len(w_shape))
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    p = (rng.uniform(-0.5, 0.5, size=(m, *w_shape)) * spread + 0.5) * rows - 0.5
+    s = rng.uniform(0.6, 2.0, size=p.shape).astype(dtype) if interpolation != "bilinear" else None
+    return x, w, p.astype(dtype), s
+
+
+# name -> (input, weight, sizes, learned, options, plan checks, stage budget)
+PATHS = {
+    # 64 threads, 2 SMs: 7 chunks of the batch x output cells per row; planes of 1000 cells walked
+    # by 3 of 4 tiles, 4 planes by 3 blocks (grid-stride loops)
+    "chunked dL/dK, grid-stride planes": (
+        (2, 2, 1000), (2, 1, 2), (5,), (0,), dict(groups=2, padding="same"),
+        lambda spec, p: p.n_chunks == 7 and p.forward.grid == (4, 4), None,
+    ),
+    # one tap per pass: rows of the group and tap spans staged one at a time
+    "staged taps, one at a time": (
+        (1, 6, 5, 4), (4, 3, 2), (3, 2), (0, 1), dict(groups=2, padding=1, stride=(2, 1)),
+        lambda spec, p: p.forward.span == 1 and p.forward.rows == 1 and p.transposed.rows == 1 and p.cap > 1, 30,
+    ),
+    # passes of 2 rows of 6 taps over 3 source rows: the last pass is partial
+    "staged taps, partial passes": (
+        (2, 3, 6, 5), (2, 3, 2), (3, 2), (0, 1), dict(padding="same"),
+        lambda spec, p: p.forward.span == min(p.cap, 6) and p.forward.rows == 2 and spec.group_in == 3, 4 + 12 * 20,
+    ),
+    # 289 cells per row: the compaction scans two chunks of 256 cells, the marks cross rows
+    "long rows": (
+        (1, 2, 3, 4), (2, 1, 3), (17, 17), (1, 0), dict(groups=2, padding=8),
+        lambda spec, p: p.cells == 289 and p.compact_threads == 256, None,
+    ),
+    # N = 3, one learned axis among dense ones, strides and uneven padding
+    "3-D, dense axes": (
+        (2, 2, 5, 4, 6), (2, 2, 2, 3, 2), (2, 3, 3), (2,), dict(padding=(1, 0, 2), stride=(2, 1, 2)),
+        lambda spec, p: spec.kernel.n_dense == 6, None,
+    ),
+}
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("interpolation", ndcls.INTERPOLATIONS)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_emulated_conv_launch_paths(emulated, monkeypatch, path, interpolation, int64):
+    x_shape, w_shape, sizes, learned, options, reached, budget = PATHS[path]
+    _forced(monkeypatch, int64=int64, stage_bytes=budget)
+    dtype = np.float64 if int64 else np.float32
+    rng = np.random.default_rng(sum(map(ord, path + interpolation)))
+    x, w, p, s = _arrays(rng, x_shape, w_shape, sizes, learned, interpolation, dtype)
+    kw = dict(options, sigma=s, interpolation=interpolation, learned_dims=learned)
+    spec = ndcls.ConvSpec.from_arguments(
+        input_shape=x.shape, input_dtype=x.dtype, weight_shape=w.shape, weight_dtype=w.dtype, positions_shape=p.shape,
+        positions_dtype=p.dtype, sigma_shape=None if s is None else s.shape, sigma_dtype=None if s is None else s.dtype,
+        sizes=sizes, **{k: v for k, v in kw.items() if k != "sigma"},
+    )  # fmt: skip
+    plan, key, _ = emu.conv_plan(spec)
+    assert key.int64 == int64
+    assert reached(spec, plan), f"{path}: the plan {plan} misses the path"
+    _compare(emulated, x, w, p, sizes, **kw)
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+def test_emulated_conv_on_the_gpus_own_grids(emulated, monkeypatch):
+    """The grids the GPU launches, uncut (every grid-stride loop takes one turn)."""
+    monkeypatch.setattr(emu, "MAX_GRID", 2**31 - 1)
+    rng = np.random.default_rng(5)
+    x, w, p, s = _arrays(rng, (2, 4, 7, 6), (4, 2, 3), (3, 4), (0, 1), "gauss", np.float32)
+    spec = _conv_spec(x.shape, w.shape, (3, 4), groups=2, padding=(1, 2))
+    plan, _, _ = emu.conv_plan(spec)
+    assert plan.forward.grid == (1, 8) and plan.grid(spec.kernel.n_batch * 3, emu.LIMITS.n_sm) == 1
+    _compare(emulated, x, w, p, (3, 4), sigma=s, interpolation="gauss", groups=2, padding=(1, 2))
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+def test_emulated_conv_with_64bit_indices(emulated, monkeypatch):
+    """The harness's drawn cases with the conv kernels forced to 64-bit indices."""
+    _forced(monkeypatch, int64=True)
+
+    @settings(max_examples=10)
+    @given(conv_cases(max_ndim=3, max_size=3, max_batch=2, max_count=2))
+    def prop(case):
+        assert emu.conv_plan(case.spec)[1].int64
+        out = case.conv(emulated)
+        assert_close(out, case.conv("numpy"), what="output")
+        g = case.grad_output()
+        for name, a, e in zip(("input", "weight", "positions", "sigma"), case.conv_grad(g, emulated), case.conv_grad(g, "numpy")):
+            if e is None:
+                assert a is None
+            else:
+                assert_close(a, e, what=f"grad_{name}")
+
+    prop()
+
+
+@needs_gxx
+@pytest.mark.cuda_compile
+def test_emulation_builds_the_kernels_the_backend_names():
+    """Every conv specialisation's kernels are in the emulation's library under the names
+    cupy_conv loads (``ConvSpecialisation.names``)."""
+    for dtype in ("float32", "float64"):
+        lib = emu._library(dtype)
+        keys = emu.conv_keys(dtype)
+        assert len(keys) == len([k for k in cc.specialisations() if k.dtype == dtype])
+        for key in keys:
+            for role, name in key.names.items():
+                assert hasattr(lib, emu.conv_symbol(role, name)), name
