@@ -270,7 +270,7 @@ BAD = {
     "same with stride": (dict(padding="same", stride=2), ValueError, r"padding='same' needs stride 1"),
     "groups zero": (dict(groups=0), ValueError, r"groups must be >= 1, got 0"),
     "positions channels": (dict(positions=P[:, :3]), ValueError, r"positions must have shape .*got \(2, 3, 2, 3\)"),
-    "backend without conv": (dict(backend="numba-cuda"), NotImplementedError, r"backend 'numba-cuda' does not implement 'conv' yet; backends that do: \('numpy'"),
+    "backend without conv": (dict(backend="cupy"), NotImplementedError, r"backend 'cupy' does not implement 'conv' yet; backends that do: \('numpy'"),
 }
 
 
