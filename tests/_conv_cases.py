@@ -7,6 +7,7 @@ draws the values.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,10 +105,13 @@ def conv_cases(
     broadcast=True,
     noncontiguous=True,
     allow_empty=True,
+    max_cells=None,
 ):
-    """A random valid :class:`ConvCase`."""
+    """A random valid :class:`ConvCase` (``max_cells``: most kernel cells, ``prod(sizes)``)."""
     n = draw(st.integers(1, max_ndim))
     sizes = tuple(draw(st.lists(st.integers(1, max_size), min_size=n, max_size=n)))
+    if max_cells is not None and math.prod(sizes) > max_cells:
+        sizes = tuple(min(s, 3) for s in sizes)
     m = draw(st.integers(1, n))
     learned = tuple(draw(st.permutations(range(n)))[:m])
     groups = draw(st.integers(1, 3))

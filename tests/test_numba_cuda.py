@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,9 +137,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
     # Device functions are compiled for the current device's compute capability; there is no
     # device here, so name the target one (compile_ptx's cc covers the kernel itself).
     dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
-    from ndcls.kernels import numba_cuda
+    from ndcls.kernels import numba_cuda, numba_cuda_conv
     results = []
-    for name, fn, sig in numba_cuda.specialisations():
+    kernels = [("construct", *k) for k in numba_cuda.specialisations()]
+    kernels += [("conv", *k) for k in numba_cuda_conv.specialisations()]
+    for module, name, fn, sig in kernels:
         start = time.perf_counter()
         try:
             ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
@@ -148,7 +151,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
         seconds = time.perf_counter() - start
         atomics = sorted(set(w for line in ptx.splitlines() for w in line.split() if w.startswith(("atom.", "red."))))
         target = next((line.split()[1] for line in ptx.splitlines() if line.startswith(".target")), None)
-        results.append(dict(name=name, seconds=round(seconds, 3), target=target, atomics=atomics, error=error))
+        fma = sorted(set(w for line in ptx.splitlines() for w in line.split() if w.startswith("fma.")))
+        results.append(dict(module=module, name=name, seconds=round(seconds, 3), target=target, atomics=atomics, fma=fma, error=error))
     print(json.dumps({"results": results}))
     """
 )
@@ -178,7 +182,7 @@ def compiled_ptx():
 @pytest.mark.cuda_compile
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
 def test_every_specialisation_compiles_to_ptx(compiled_ptx, cc):
-    results = compiled_ptx[cc]
+    results = [r for r in compiled_ptx[cc] if r["module"] == "construct"]
     names = [r["name"] for r in results]
     assert len(names) == len(set(names)) == 2 * 3 * 2 * 2, names  # direction x interpolation x tile x dtype
     failures = {r["name"]: r["error"] for r in results if r["error"]}
@@ -194,6 +198,32 @@ def test_every_specialisation_compiles_to_ptx(compiled_ptx, cc):
             assert all(a.endswith(f".add.{dtype}") and "shared" not in a for a in r["atomics"]) and r["atomics"], r
     timings = ", ".join(f"{r['name'].removeprefix('ndcls_')} {r['seconds']:.2f}s" for r in results)
     print(f"\ncompile_ptx sm_{cc[0]}{cc[1]}: total {sum(r['seconds'] for r in results):.1f}s: {timings}")
+
+
+@needs_numba_cuda
+@pytest.mark.cuda_compile
+@pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
+def test_every_conv_kernel_compiles_to_ptx(compiled_ptx, cc):
+    """The direct convolution's kernels (ndcls.kernels.numba_cuda_conv), float32 and float64:
+    no atomics anywhere (deterministic), the forward and grad_input sums in the working dtype,
+    the dL/dK correlation in float64."""
+    from ndcls.kernels import numba_cuda_conv
+
+    results = [r for r in compiled_ptx[cc] if r["module"] == "conv"]
+    names = [r["name"] for r in results]
+    expected = {f"ndcls_conv_{name}_{dtype}" for name in numba_cuda_conv._SOURCES for dtype in ("float32", "float64")}
+    assert {re.sub(r"_\d$", "", n) for n in names} == expected, names  # the zero kernel has two signatures
+    failures = {r["name"]: r["error"] for r in results if r["error"]}
+    assert not failures, failures
+    for r in results:
+        assert r["target"] == f"sm_{cc[0]}{cc[1]}", r
+        assert r["atomics"] == [], r
+        if r["name"].startswith(("ndcls_conv_forward", "ndcls_conv_grad_input")):
+            assert r["fma"] == [f"fma.rn.f{r['name'][-2:]}"], r
+        if r["name"].startswith("ndcls_conv_tap_partials"):
+            assert r["fma"] == ["fma.rn.f64"], r
+    timings = ", ".join(f"{r['name'].removeprefix('ndcls_conv_')} {r['seconds']:.2f}s" for r in results)
+    print(f"\nconv compile_ptx sm_{cc[0]}{cc[1]}: total {sum(r['seconds'] for r in results):.1f}s: {timings}")
 
 
 # -- real GPU: large shapes, CuPy, streams, 64-bit indices ----------------------------------------------

@@ -532,9 +532,33 @@ def _grid(n_batch):
     return min(n_batch, _MAX_GRID)
 
 
+def launch_construct(spec, stream, weight, positions, sigma, kernel_out):
+    """Run the construction on device arrays (sigma None for bilinear) into ``kernel_out``
+    (B, prod(sizes)) on ``stream``: no allocation, no copy, no synchronisation."""
+    kind = _element.INTERPOLATION_CODES[spec.interpolation]
+    threads, shared_tile, dyn_bytes = plan(spec, "forward")
+    s = positions if sigma is None else sigma
+    kernel = _compiled("forward", kind, shared_tile)
+    kernel[_grid(spec.n_batch), threads, stream, dyn_bytes](
+        weight, positions, s, kernel_out, _layout(spec), spec.ndim - spec.n_learned, sum(spec.learned_sizes)
+    )
+
+
+def launch_construct_grad(spec, stream, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s):
+    """Run the construction's gradient on device arrays (sigma and grad_s None for bilinear)
+    on ``stream``: no allocation, no copy, no synchronisation."""
+    kind = _element.INTERPOLATION_CODES[spec.interpolation]
+    threads, shared_tile, dyn_bytes = plan(spec, "backward")
+    s = positions if sigma is None else sigma
+    kernel = _compiled("backward", kind, shared_tile)
+    kernel[_grid(spec.n_batch), threads, stream, dyn_bytes](
+        grad_kernel, weight, positions, s, grad_w, grad_p, grad_p if grad_s is None else grad_s,
+        _layout(spec), spec.ndim - spec.n_learned, sum(spec.learned_sizes),
+    )  # fmt: skip
+
+
 def construct(spec, weight, positions, sigma, out=None):
     """``K`` (B, prod(sizes)) from weight (B, D, C), positions and sigma (M, B, D, C)."""
-    kind = _element.INTERPOLATION_CODES[spec.interpolation]
     launch = _Launch((weight, positions, sigma, out))
     target = launch.empty((spec.n_batch, spec.block), spec.dtype, out)
     if target[1] is None:
@@ -542,32 +566,23 @@ def construct(spec, weight, positions, sigma, out=None):
     if weight.size == 0:  # count 0: nothing to scatter
         target[0][...] = 0
         return target[0]
-    threads, shared_tile, dyn_bytes = plan(spec, "forward")
     w = launch.to_device(weight)
     p = launch.to_device(positions)
-    s = p if sigma is None else launch.to_device(sigma)
-    kernel = _compiled("forward", kind, shared_tile)
-    kernel[_grid(spec.n_batch), threads, launch.stream, dyn_bytes](
-        w, p, s, target[1], _layout(spec), spec.ndim - spec.n_learned, sum(spec.learned_sizes)
-    )
+    s = None if sigma is None else launch.to_device(sigma)
+    launch_construct(spec, launch.stream, w, p, s, target[1])
     return launch.result(target)
 
 
 def construct_grad(spec, grad_kernel, weight, positions, sigma):
     """``(grad_weight, grad_positions, grad_sigma)`` shaped like weight, positions, sigma (None for bilinear)."""
-    kind = _element.INTERPOLATION_CODES[spec.interpolation]
     launch = _Launch((grad_kernel, weight, positions, sigma))
     gw = launch.empty(weight.shape, spec.dtype)
     gp = launch.empty(positions.shape, spec.dtype)
     gs = launch.empty(positions.shape, spec.dtype) if spec.normalised else None
     if gw[1] is not None:  # some element exists
-        threads, shared_tile, dyn_bytes = plan(spec, "backward")
         g = launch.to_device(grad_kernel)
         w = launch.to_device(weight)
         p = launch.to_device(positions)
-        s = p if sigma is None else launch.to_device(sigma)
-        kernel = _compiled("backward", kind, shared_tile)
-        kernel[_grid(spec.n_batch), threads, launch.stream, dyn_bytes](
-            g, w, p, s, gw[1], gp[1], gp[1] if gs is None else gs[1], _layout(spec), spec.ndim - spec.n_learned, sum(spec.learned_sizes)
-        )
+        s = None if sigma is None else launch.to_device(sigma)
+        launch_construct_grad(spec, launch.stream, g, w, p, s, gw[1], gp[1], None if gs is None else gs[1])
     return launch.result(gw), launch.result(gp), None if gs is None else launch.result(gs)
