@@ -252,3 +252,15 @@ def test_estimate_scales_with_the_work():
     assert e1["work_dense"] == 2 * 8 * 8 * 100 * 251 and e1["work_direct"] == 2 * 8 * 8 * 100 * 2 * 2
     assert e2["direct_s"] > e1["direct_s"] and e2["construct_s"] > e1["construct_s"]
     assert math.isclose(e2["work_dense"], 2 * e1["work_dense"])
+
+
+def test_cuda_estimate_merges_taps_and_uses_the_gpu_rates():
+    """On CUDA tensors the direct route lists each touched cell of a channel pair once: its work
+    is capped by the kernel's cells (gauss elements overlapping on a 17x17 kernel), and the
+    times use GPU_RATES."""
+    shape = dict(batch=2, out_channels=4, in_per_group=1, out_spatial=(20, 20), sizes=(17, 17), learned_dims=(0, 1),
+                 count=34, interpolation="gauss", width=2.0)
+    cpu, gpu = cost.estimate(**shape), cost.estimate(**shape, device="cuda")
+    assert cpu["work_direct"] > cpu["work_dense"]  # 34 elements of 25 x 25 cut cells each, unmerged
+    assert gpu["work_direct"] == gpu["work_dense"] == 2 * 4 * 20 * 20 * 17 * 17
+    assert math.isclose(gpu["direct_s"], cost.GPU_RATES.call_direct + gpu["work_direct"] / cost.GPU_RATES.direct_depthwise)

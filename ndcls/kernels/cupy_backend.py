@@ -508,4 +508,3 @@ def construct_grad(spec, grad_kernel, weight, positions, sigma):
     if host:
         return tuple(None if x is None else x.get() for x in grads)
     return grads
-

@@ -5,7 +5,10 @@ The pipeline (docs/conv.md, section "GPU"; kernels in ``cuda/dcls_conv.cu``): th
 per row (the taps), the convolution and its gradients visit only those taps, and the element
 gradients come from ``construct_grad`` of ``dL/dK`` at the taps (the chain rule shared with the
 construction). Every buffer size follows from the shapes, so nothing waits for the device:
-calls can be captured in a CUDA graph. Results are deterministic (no float atomics).
+calls can be captured in a CUDA graph. The conv kernels use no float atomics and write every
+value from one thread in a fixed order; ``K`` itself is summed with shared-memory atomics by the
+construction kernel, so only the output and ``grad_input`` may change in the last bit between
+calls (docs/conv.md, section 7).
 
 Canonical arrays (``ndcls._api._prepare_conv``): input ``(batch, in_channels, *spatial)``,
 weight ``(O, I, D, C)``, positions and sigma ``(M, Po, Pi, D, C)`` with ``Po`` in ``{1, O}``
@@ -43,9 +46,6 @@ class ConvSpecialisation:
     interpolation: str
     ndim: int
     int64: bool
-
-    def _args(self, *parts) -> str:
-        return ", ".join(parts)
 
     @property
     def names(self) -> dict[str, str]:
