@@ -108,6 +108,8 @@ CONV_CASES = (
     ConvCase("conv 1-D 6->4 size 33 count 3 gauss stride 2", (3, 6, 40), 4, 1, (33,), None, "gauss", 3, stride=2, padding=5, seed=1),
     ConvCase("conv 3-D N-M-D (2, 0) triangle groups 2 shared", (2, 4, 7, 6, 8), 6, 2, (4, 3, 5), (2, 0), "triangle", 3, padding=1, shared=True, seed=2),
 )
+#: the one conv case of numba-cuda under the simulator (which runs CUDA threads one by one)
+SIMULATOR_CONV_CASE = ConvCase("conv 2-D depthwise 5x4 count 3 gauss 'same'", (1, 2, 6, 5), 2, 2, (5, 4), None, "gauss", 3, padding="same")
 CONV_DTYPES = ("float32", "float64")
 
 
@@ -414,7 +416,7 @@ def run(backends=None, dtypes=DTYPES, *, quick=False, large=True, huge=True, pro
                         traceback.print_exc()
             if dtype not in CONV_DTYPES or backend not in operation_backends("conv"):
                 continue
-            for case in CONV_CASES[:1] if sim else CONV_CASES:
+            for case in (SIMULATOR_CONV_CASE,) if sim else CONV_CASES:
                 if progress:
                     progress(f"{backend} {dtype}: {case.name}")
                 try:
