@@ -22,7 +22,9 @@ touches only the cells the elements touch:
 8. the gradients of weight, positions and sigma are the construction's ``construct_grad`` of
    ``dK``, then positions and sigma are summed over the channel axes they broadcast along.
 
-No float atomics anywhere: results are deterministic. Every buffer size follows from the spec
+No float atomics in these kernels (the construction adds bilinear and triangle elements into
+``K`` with atomics, so the output and grad_input may change in the last bit between calls;
+the element gradients are bitwise reproducible). Every buffer size follows from the spec
 (the tap arrays have ``cells`` slots per row), so nothing is read back to the host between
 the kernels, and the whole pipeline runs on one stream (CuPy's current stream for CuPy
 inputs): it can be captured in a CUDA graph. Scratch memory is ``O(B * cells)`` (see
