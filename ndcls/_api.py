@@ -229,8 +229,8 @@ def _construct_grad(call: _Call, weight, positions, sigma, grad_kernel):
 # -- direct convolution (SPEC section 9) ------------------------------------------------------------
 
 
-#: dtypes the direct convolution does not take yet (other dtypes are judged by ConvSpec)
-_CONV_REFUSED_DTYPES = ("float16", "bfloat16")
+#: dtypes the direct convolution computes in float32 (upcast in, rounded back out), on every backend
+_CONV_HALF_DTYPES = ("float16", "bfloat16")
 
 
 @dataclass
@@ -239,6 +239,8 @@ class _ConvCall:
     spec: ConvSpec
     impl: object  # the backend's function for the operation
     shapes: dict  # caller's shapes of weight, positions and sigma
+    mode: str  # "native", or "float32" for half-precision callers (ArrayContext conversions)
+    dtype: str  # the caller's dtype name, that of the results
     input: object
     weight: object
     positions: object
@@ -248,20 +250,27 @@ class _ConvCall:
 
 def _prepare_conv(operation, input, weight, positions, sigma, grad_output, sizes, options) -> _ConvCall:
     """Validate, then canonicalise: ``input``/``grad_output`` C-contiguous as given, ``weight``
-    ``(O, I, D, C)``, ``positions``/``sigma`` ``(M, Po, Pi, D, C)`` with broadcast axes kept at 1."""
+    ``(O, I, D, C)``, ``positions``/``sigma`` ``(M, Po, Pi, D, C)`` with broadcast axes kept at 1.
+
+    float16 and bfloat16 arrays (all of one dtype) are computed in float32: upcast here, the
+    results rounded back by the callers (``mode`` "float32")."""
     backend = options.pop("backend")
     arrays = dict(input=input, weight=weight, positions=positions, sigma=sigma)
     if operation == "conv_grad":
         arrays["grad_output"] = grad_output
     ctx = array_context(**arrays)
     chosen = _select_backend(backend, ctx)
-    for name, a in arrays.items():
-        if a is not None and dtype_name(ctx.dtype_of(a)) in _CONV_REFUSED_DTYPES:
-            raise TypeError(
-                f"{name}: the direct convolution takes float32 and float64, got {dtype_name(ctx.dtype_of(a))} "
-                f"(cast the arrays, or use construct and a dense convolution: method='construct' in the layers)"
-            )
-    x, w, p, s, g = (ctx.to_compute(a) for a in (input, weight, positions, sigma, grad_output))
+    dtype = dtype_name(ctx.dtype_of(weight)) if weight is not None else ""
+    mode = "native"
+    if dtype in _CONV_HALF_DTYPES:
+        for name, a in arrays.items():
+            if a is not None and dtype_name(ctx.dtype_of(a)) != dtype:
+                raise TypeError(f"{name} must have the dtype of weight ({dtype}), got {dtype_name(ctx.dtype_of(a))}")
+        mode = "float32"
+    elif any(a is not None and dtype_name(ctx.dtype_of(a)) in _CONV_HALF_DTYPES for a in arrays.values()):
+        name, a = next((n, a) for n, a in arrays.items() if a is not None and dtype_name(ctx.dtype_of(a)) in _CONV_HALF_DTYPES)
+        raise TypeError(f"{name} must have the dtype of weight ({dtype}), got {dtype_name(ctx.dtype_of(a))}")
+    x, w, p, s, g = (ctx.to_compute(a, mode) for a in (input, weight, positions, sigma, grad_output))
     shapes = {name: shape_and_dtype(a) if a is not None else (None, None) for name, a in zip("xwpsg", (x, w, p, s, g))}
     spec = ConvSpec.from_arguments(
         input_shape=shapes["x"][0],
@@ -291,6 +300,8 @@ def _prepare_conv(operation, input, weight, positions, sigma, grad_output, sizes
         spec=spec,
         impl=get_operation(operation, chosen),
         shapes={"weight": shapes["w"][0], "positions": shapes["p"][0], "sigma": shapes["s"][0]},
+        mode=mode,
+        dtype=dtype,
         input=xp.ascontiguousarray(x),
         weight=xp.ascontiguousarray(w).reshape(k.batch_shape + (k.n_dense, k.count)),
         positions=rows(p),
@@ -346,7 +357,7 @@ def conv(
     with ctx.stream():  # the caller's stream for the copies, the kernels and the hand-back
         call = _prepare_conv("conv", input, weight, positions, sigma, None, sizes, dict(options, backend=backend))
         out = call.impl(call.spec, call.input, call.weight, call.positions, call.sigma)
-        return ctx.from_compute(out.reshape(call.spec.output_shape))
+        return ctx.from_compute(out.reshape(call.spec.output_shape), call.mode, call.dtype)
 
 
 def conv_grad(
@@ -384,4 +395,4 @@ def conv_grad(
         gw = gw.reshape(call.shapes["weight"])
         gp = gp.reshape(call.shapes["positions"])
         gs = None if gs is None else gs.reshape(call.shapes["sigma"])
-        return tuple(ctx.from_compute(a) for a in (gx, gw, gp, gs))
+        return tuple(ctx.from_compute(a, call.mode, call.dtype) for a in (gx, gw, gp, gs))

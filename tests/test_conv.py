@@ -377,7 +377,42 @@ def test_half_precision_layers_take_the_construct_route():
     x = torch.randn(1, 16, 4000)
     assert layer.route(x) == "direct"  # the shape favours the direct route (2 taps against 1025 cells) ...
     layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
-    assert layer.route(x) == "construct"  # ... which takes no half precision
+    assert layer.route(x) == "construct"  # ... but its rates are float32 rates: half precision goes to construct
     assert layer(x).dtype == torch.bfloat16
-    with pytest.raises(TypeError, match="direct convolution takes float32 and float64, got bfloat16"):
-        ndcls.conv(x, layer.weight.detach(), layer.kernel_positions().detach(), (1025,), padding=512)
+    method = Dcls1d(16, 16, 2, dilated_kernel_size=1025, padding=512, version="v0", method="direct").to(torch.bfloat16)
+    method.load_state_dict(layer.state_dict())
+    _close_half(method(x).double().detach().numpy(), layer(x).double().detach().numpy(), "bfloat16", "direct bf16")
+
+
+def _close_half(actual, expected, dtype, what):
+    from ndcls._tolerances import worst_error
+
+    worst, same_nan = worst_error(actual, expected, dtype)
+    assert same_nan and worst <= 1.0, f"{what}: {worst:.3g} x the {dtype} tolerance"
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_computes_in_float32(backend, dtype):
+    """Half-precision arrays (torch tensors for bfloat16, which NumPy lacks) go through float32
+    and come back rounded to their dtype: equal, within the dtype's tolerance, to the float64
+    reference on the same rounded inputs. Mixed dtypes are refused."""
+    rng = np.random.default_rng(5)
+    x, w, p, sizes, groups = _simple(rng)
+    s = rng.uniform(0.5, 2.0, size=p.shape)
+    g = rng.standard_normal((x.shape[0], w.shape[0], *x.shape[2:]))
+    half = getattr(torch, dtype)
+    args = [torch.from_numpy(a).to(half) for a in (x, w, p, s, g)]
+    rounded = [a.double().numpy() for a in args]
+    kw = dict(interpolation="gauss", groups=groups, padding="same")
+    out = ndcls.conv(*args[:3], sizes, sigma=args[3], backend=backend, **kw)
+    assert out.dtype == half
+    want = ndcls.conv(*rounded[:3], sizes, sigma=rounded[3], backend="numpy", **kw)
+    _close_half(out.double().numpy(), want, dtype, f"{dtype} output")
+    grads = ndcls.conv_grad(args[4], *args[:3], sizes, sigma=args[3], backend=backend, **kw)
+    wants = ndcls.conv_grad(rounded[4], *rounded[:3], sizes, sigma=rounded[3], backend="numpy", **kw)
+    for name, a, e in zip(("input", "weight", "positions", "sigma"), grads, wants):
+        assert a.dtype == half
+        _close_half(a.double().numpy(), e, dtype, f"{dtype} grad_{name}")
+    with pytest.raises(TypeError, match=f"input must have the dtype of weight \\({dtype}\\), got float32"):
+        ndcls.conv(args[0].float(), *args[1:3], sizes, sigma=args[3], backend=backend, **kw)

@@ -445,7 +445,7 @@ class _DclsNMd(nn.Module):
         if device not in ("cpu", "cuda") or self.padding_mode != "zeros" or self.conv_kernel_size != self.kernel_sizes:
             return "construct"  # where the cost model has no measured rates, or the layer would copy
         if self.weight.dtype not in (torch.float32, torch.float64) or input.dtype not in (torch.float32, torch.float64):
-            return "construct"  # the direct convolution takes float32 and float64 only
+            return "construct"  # the cost model has float32/float64 rates only (half precision: construct)
         if not cost.direct_available(device):
             return "construct"
         spatial = input.shape[2:]
