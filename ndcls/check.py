@@ -9,7 +9,7 @@ One table row per (backend, dtype): cases run, the worst error as a fraction of 
 tolerance (<= 1 passes), NaN patterns, time. Any disagreement or error fails the check.
 Backends with the direct convolution also run ``conv`` and ``conv_grad`` on a few cases
 (:data:`CONV_CASES`: depthwise 2-D, strided 1-D, N-M-D 3-D with shared positions and groups)
-in float32 and float64, against the NumPy reference on the same rounded inputs.
+in every dtype, against the NumPy reference on the same rounded inputs.
 
 Where the inputs come from: NumPy arrays for the CPU backends (bfloat16 through torch CPU
 tensors, NumPy having none), CuPy arrays for the GPU backends (bfloat16 through torch CUDA
@@ -87,7 +87,7 @@ def cases(*, small: bool, large: bool = True, huge: bool = False) -> list[Case]:
 
 @dataclass(frozen=True)
 class ConvCase:
-    """A direct-convolution case (``ndcls.conv`` and ``ndcls.conv_grad``, float32 and float64)."""
+    """A direct-convolution case (``ndcls.conv`` and ``ndcls.conv_grad``, every dtype)."""
 
     name: str
     input_shape: tuple  # (batch, in_channels, *spatial)
@@ -110,7 +110,7 @@ CONV_CASES = (
 )
 #: the one conv case of numba-cuda under the simulator (which runs CUDA threads one by one)
 SIMULATOR_CONV_CASE = ConvCase("conv 2-D depthwise 5x4 count 3 gauss 'same'", (1, 2, 6, 5), 2, 2, (5, 4), None, "gauss", 3, padding="same")
-CONV_DTYPES = ("float32", "float64")
+CONV_DTYPES = DTYPES  # half precision computes in float32 (docs/conv.md, section 7)
 
 
 def _conv_problem(case: ConvCase):
