@@ -408,6 +408,14 @@ class ConvSpec:
     def output_shape(self) -> tuple[int, ...]:
         return (self.batch, self.out_channels, *self.out_spatial)
 
+    def sum_to(self, full, like_shape):
+        """Sum a full ``(M, O * I, D, C)`` element gradient (NumPy or CuPy) over the channel axes
+        along which an array of ``like_shape`` ``(M, Po, Pi, D, C)`` broadcasts."""
+        k = self.kernel
+        full = full.reshape(k.n_learned, *k.batch_shape, k.n_dense, k.count)
+        axes = tuple(a for a in (1, 2) if like_shape[a] == 1 and full.shape[a] != 1)
+        return full.sum(axis=axes, keepdims=True) if axes else full
+
     def cost(self, sigma=None) -> dict:
         """Estimated multiply-adds of one forward pass by each route (pure function of shapes).
 

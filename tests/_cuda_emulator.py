@@ -407,4 +407,4 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
         positions_full, sigma_full = _expand(positions, spec), _expand(sigma, spec)
         weight_rows = weight.reshape(k.n_batch, k.n_dense, k.count)
     grad_w, grad_p, grad_s = construct_grad(k, grad_kernel, weight_rows, positions_full, sigma_full)
-    return grad_x, grad_w, cc._reduce(grad_p, positions, spec), None if sigma is None else cc._reduce(grad_s, sigma, spec)
+    return grad_x, grad_w, spec.sum_to(grad_p, positions.shape), None if sigma is None else spec.sum_to(grad_s, sigma.shape)

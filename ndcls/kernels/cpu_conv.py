@@ -393,14 +393,6 @@ def conv(spec, input, weight, positions, sigma, out=None):
     return out
 
 
-def _reduce(full, like, spec):
-    """Sum a ``(M, O * I, D, C)`` gradient over the channel axes along which ``like`` broadcasts."""
-    k = spec.kernel
-    full = full.reshape(k.n_learned, *k.batch_shape, k.n_dense, k.count)
-    axes = tuple(a for a in (1, 2) if like.shape[a] == 1 and full.shape[a] != 1)
-    return full.sum(axis=axes, keepdims=True) if axes else full
-
-
 def conv_grad(spec, grad_output, input, weight, positions, sigma):
     k = spec.kernel
     with threads_for(k.n_batch * k.n_dense * k.count * 4):
@@ -422,6 +414,6 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
     return (
         grad_input,
         grad_w,
-        _reduce(grad_p, positions, spec),
-        None if sigma is None else _reduce(grad_s, sigma, spec),
+        spec.sum_to(grad_p, positions.shape),
+        None if sigma is None else spec.sum_to(grad_s, sigma.shape),
     )

@@ -273,14 +273,6 @@ def conv(spec, input, weight, positions, sigma, out=None):
     return out
 
 
-def _reduce(full, like, spec):
-    """Sum a ``(M, B, D, C)`` gradient over the channel axes along which ``like`` broadcasts."""
-    k = spec.kernel
-    full = full.reshape(k.n_learned, *k.batch_shape, k.n_dense, k.count)
-    axes = tuple(a for a in (1, 2) if like.shape[a] == 1 and full.shape[a] != 1)
-    return full.sum(axis=axes, keepdims=True) if axes else full
-
-
 def conv_grad(spec, grad_output, input, weight, positions, sigma):
     """``(grad_input, grad_weight (B, D, C), grad_positions, grad_sigma)``; see cpu_conv.conv_grad."""
     host, device_id, (gy, x, w, p, s) = _on_device(grad_output, input, weight, positions, sigma)
@@ -311,7 +303,7 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
         expand = lambda a: None if a is None else cupy.ascontiguousarray(cupy.broadcast_to(a, full)).reshape(rows)  # noqa: E731
         positions_full, sigma_full, weight_rows = expand(p), expand(s), w.reshape(k.n_batch, k.n_dense, k.count)
     grad_w, grad_p, grad_s = cb.construct_grad(k, grad_kernel, weight_rows, positions_full, sigma_full)
-    grads = (grad_x, grad_w, _reduce(grad_p, p, spec), None if s is None else _reduce(grad_s, s, spec))
+    grads = (grad_x, grad_w, spec.sum_to(grad_p, p.shape), None if s is None else spec.sum_to(grad_s, s.shape))
     if host:
         return tuple(None if a is None else cupy.asnumpy(a) for a in grads)
     return grads
