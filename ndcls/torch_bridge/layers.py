@@ -464,9 +464,10 @@ class _DclsNMd(nn.Module):
     def _mean_width(self) -> Optional[float]:
         """Mean effective element width for the cost model (None for bilinear).
 
-        Read from ``SIG`` only when ``SIG`` has changed (torch counts its in-place updates), and
-        under ``torch.compile`` taken from the last eager call (or the initial width), so that
-        choosing the route neither synchronises nor breaks the graph on every call.
+        Read from ``SIG`` only when ``SIG`` has changed (torch counts its in-place updates); under
+        ``torch.compile`` taken from the last eager call (or the initial width), and for CUDA
+        parameters never read (the initial width, or the last width read on the CPU), so that
+        choosing the route neither synchronises the device nor breaks a graph.
         """
         interpolation, offset = _VERSION_KERNEL[self.version]
         if interpolation == "bilinear":
@@ -476,7 +477,7 @@ class _DclsNMd(nn.Module):
         if self.SIG is None:  # switched to a version with widths: forward raises its clear error
             return offset
         cached = getattr(self, "_width_cache", None)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.SIG.is_cuda:  # no graph break, no device sync (CUDA graphs)
             return cached[1] if cached is not None else offset + (0.23 if self.version == "gauss" else 0.0)
         key = (self.version, self.SIG.data_ptr(), self.SIG._version)
         if cached is None or cached[0] != key:
