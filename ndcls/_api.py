@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ndcls._arrays import ArrayContext, array_context, cupy_on_device, shape_and_dtype
+from ndcls._arrays import ArrayContext, array_context, cupy_on_device
 from ndcls._registry import Backend, check_operation, default_backend, get_backend, get_operation
 from ndcls._spec import ConvSpec, KernelSpec, dtype_name
 
@@ -260,18 +260,11 @@ def _prepare_conv(operation, input, weight, positions, sigma, grad_output, sizes
         arrays["grad_output"] = grad_output
     ctx = array_context(**arrays)
     chosen = _select_backend(backend, ctx)
-    dtype = dtype_name(ctx.dtype_of(weight)) if weight is not None else ""
-    mode = "native"
-    if dtype in _CONV_HALF_DTYPES:
-        for name, a in arrays.items():
-            if a is not None and dtype_name(ctx.dtype_of(a)) != dtype:
-                raise TypeError(f"{name} must have the dtype of weight ({dtype}), got {dtype_name(ctx.dtype_of(a))}")
-        mode = "float32"
-    elif any(a is not None and dtype_name(ctx.dtype_of(a)) in _CONV_HALF_DTYPES for a in arrays.values()):
-        name, a = next((n, a) for n, a in arrays.items() if a is not None and dtype_name(ctx.dtype_of(a)) in _CONV_HALF_DTYPES)
-        raise TypeError(f"{name} must have the dtype of weight ({dtype}), got {dtype_name(ctx.dtype_of(a))}")
-    x, w, p, s, g = (ctx.to_compute(a, mode) for a in (input, weight, positions, sigma, grad_output))
-    shapes = {name: shape_and_dtype(a) if a is not None else (None, None) for name, a in zip("xwpsg", (x, w, p, s, g))}
+
+    def described(a):  # the caller's shape and dtype, before any conversion
+        return (None, None) if a is None else (tuple(a.shape), ctx.dtype_of(a))
+
+    shapes = {name: described(a) for name, a in zip("xwpsg", (input, weight, positions, sigma, grad_output))}
     spec = ConvSpec.from_arguments(
         input_shape=shapes["x"][0],
         input_dtype=shapes["x"][1],
@@ -286,9 +279,14 @@ def _prepare_conv(operation, input, weight, positions, sigma, grad_output, sizes
         sizes=sizes,
         **options,
     )
+    dtype = spec.kernel.dtype_name
+    mode = "float32" if dtype in _CONV_HALF_DTYPES else "native"
+    if mode == "float32":
+        spec = replace(spec, kernel=replace(spec.kernel, dtype=np.dtype(np.float32), storage=""))
     check_operation(operation, chosen)
     if not chosen.supports(spec.dtype):
         raise TypeError(f"backend {chosen.name!r} supports dtypes {chosen.dtypes}, got {spec.dtype}")
+    x, w, p, s, g = (ctx.to_compute(a, mode) for a in (input, weight, positions, sigma, grad_output))
     xp = _namespace(w)
     k = spec.kernel
 

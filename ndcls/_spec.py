@@ -469,8 +469,8 @@ class ConvSpec:
         )
         n = kernel.ndim
         for name, dt in (("input", input_dtype), ("grad_output", grad_output_dtype)):
-            if dt is not None and np.dtype(dt) != kernel.dtype:
-                raise TypeError(f"{name} must have the dtype of weight ({kernel.dtype}), got {np.dtype(dt)}")
+            if dt is not None and dtype_name(dt) != kernel.dtype_name:
+                raise TypeError(f"{name} must have the dtype of weight ({kernel.dtype_name}), got {dtype_name(dt)}")
         if len(kernel.batch_shape) != 2:
             raise ValueError(
                 f"weight must have shape (out_channels, in_channels // groups, *dense_sizes, count) for conv, "

@@ -204,6 +204,15 @@ def _kernels(key: ConvSpecialisation) -> dict:
 # -- the pipeline ------------------------------------------------------------------------------
 
 
+def _rows(a, spec):
+    """Positions or sigma ``(M, Po, Pi, D, C)`` broadcast to the contiguous rows ``(M, B, D, C)``."""
+    if a is None:
+        return None
+    k = spec.kernel
+    full = (k.n_learned, *k.batch_shape, k.n_dense, k.count)
+    return cb._cupy().ascontiguousarray(cb._cupy().broadcast_to(a, full)).reshape(k.n_learned, k.n_batch, k.n_dense, k.count)
+
+
 class _Taps:
     """``K`` and its taps for one call: ``n_taps (B,)``, ``cell``/``value (B, cap)``, on the device."""
 
@@ -214,14 +223,8 @@ class _Taps:
         self.kernels = _kernels(self.key)
         p = self.plan
         it = np.int64 if p.int64 else np.int32
-        full = (k.n_learned, *k.batch_shape, k.n_dense, k.count)
-        rows = (k.n_learned, k.n_batch, k.n_dense, k.count)
-
-        def expand(a):  # (M, Po, Pi, D, C) -> (M, B, D, C)
-            return None if a is None else cupy.ascontiguousarray(cupy.broadcast_to(a, full)).reshape(rows)
-
         self.weight = weight.reshape(k.n_batch, k.n_dense, k.count)
-        self.positions, self.sigma = expand(positions), expand(sigma)
+        self.positions, self.sigma = _rows(positions, spec), _rows(sigma, spec)
         self.kernel = cb.construct(k, self.weight, self.positions, self.sigma)
         acc = np.float64 if k.dtype == np.float64 else np.float32
         mask = cupy.zeros(p.n_rows * p.cells, dtype=np.uint8)
@@ -298,10 +301,7 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
         )  # fmt: skip
         positions_full, sigma_full, weight_rows = taps.positions, taps.sigma, taps.weight
     else:
-        full = (k.n_learned, *k.batch_shape, k.n_dense, k.count)
-        rows = (k.n_learned, k.n_batch, k.n_dense, k.count)
-        expand = lambda a: None if a is None else cupy.ascontiguousarray(cupy.broadcast_to(a, full)).reshape(rows)  # noqa: E731
-        positions_full, sigma_full, weight_rows = expand(p), expand(s), w.reshape(k.n_batch, k.n_dense, k.count)
+        positions_full, sigma_full, weight_rows = _rows(p, spec), _rows(s, spec), w.reshape(k.n_batch, k.n_dense, k.count)
     grad_w, grad_p, grad_s = cb.construct_grad(k, grad_kernel, weight_rows, positions_full, sigma_full)
     grads = (grad_x, grad_w, spec.sum_to(grad_p, p.shape), None if s is None else spec.sum_to(grad_s, s.shape))
     if host:

@@ -202,87 +202,57 @@ def _compact(mask, kernel, n_taps, tap_cell, tap_val):
 
 
 @lru_cache(maxsize=None)
-def forward_source(dtype: str):
-    """Forward kernel for ``dtype`` (its accumulator is of that dtype, as torch's convolution's).
+def planes_source(dtype: str, transposed: bool):
+    """Forward (``transposed`` False) or grad_input kernel for ``dtype``, one thread per
+    destination element, its accumulator of that dtype (as torch's convolution's).
 
-    ``kernel(x (batch, in_channels, X), n_taps (B,), tap_cell (B, cells), tap_val (B, cells),
-    out (batch, out_channels, Y), geometry tuple, nd, group_in, group_out)``; planes flat.
+    ``kernel(src, n_taps (B,), tap_cell (B, cells), tap_val (B, cells), dst, geometry tuple,
+    nd, group_in, group_out)``, planes flat. Forward: src = x (batch, in_channels, X), dst = out
+    (batch, out_channels, Y), summing over the group's input channels i of pair o * I + i.
+    Transposed: src = grad_out, dst = grad_x, summing over the group's output channels o of pair
+    o * I + i, the taps transposed.
     """
     zero = np.dtype(dtype).type(0)
 
-    def forward(x, n_taps, tap_cell, tap_val, out, geo, nd, group_in, group_out):
+    def planes(src, n_taps, tap_cell, tap_val, dst, geo, nd, group_in, group_out):
         ksize = cuda.local.array(MAX_DIMS, int64)
         stride = cuda.local.array(MAX_DIMS, int64)
         pad = cuda.local.array(MAX_DIMS, int64)
         xsize = cuda.local.array(MAX_DIMS, int64)
         ysize = cuda.local.array(MAX_DIMS, int64)
-        y = cuda.local.array(MAX_DIMS, int64)
+        at = cuda.local.array(MAX_DIMS, int64)
         k = cuda.local.array(MAX_DIMS, int64)
         _unpack_geometry(geo, ksize, stride, pad, xsize, ysize)
-        n_batch, n_out, n_y = out.shape
-        total = n_batch * n_out * n_y
+        n_batch, n_dst, n_cells = dst.shape
+        total = n_batch * n_dst * n_cells
+        n_src = group_out if transposed else group_in
         for f in range(cuda.grid(1), total, cuda.gridsize(1)):
-            yq = f % n_y
-            r = f // n_y
-            o = r % n_out
-            n = r // n_out
-            _unravel(yq, nd, ysize, y)
-            c0 = (o // group_out) * group_in
+            q = f % n_cells
+            r = f // n_cells
+            ch = r % n_dst
+            n = r // n_dst
+            _unravel(q, nd, xsize if transposed else ysize, at)
+            g = ch // group_in if transposed else ch // group_out
             acc = zero
-            for i in range(group_in):
-                pair = o * group_in + i
+            for r2 in range(n_src):
+                if transposed:
+                    src_ch = g * group_out + r2
+                    pair = src_ch * group_in + (ch - g * group_in)
+                else:
+                    src_ch = g * group_in + r2
+                    pair = ch * group_in + r2
                 for t in range(n_taps[pair]):
                     _unravel(tap_cell[pair, t], nd, ksize, k)
-                    off = _input_offset(y, k, nd, stride, pad, xsize)
+                    if transposed:
+                        off = _output_offset(at, k, nd, stride, pad, ysize)
+                    else:
+                        off = _input_offset(at, k, nd, stride, pad, xsize)
                     if off >= 0:
-                        acc += tap_val[pair, t] * x[n, c0 + i, off]
-            out[n, o, yq] = acc
+                        acc += tap_val[pair, t] * src[n, src_ch, off]
+            dst[n, ch, q] = acc
 
-    forward.__name__ = f"ndcls_conv_forward_{dtype}"
-    return forward
-
-
-@lru_cache(maxsize=None)
-def grad_input_source(dtype: str):
-    """grad_input kernel for ``dtype``: one thread per input element, the taps transposed.
-
-    ``kernel(grad_out (batch, out_channels, Y), n_taps, tap_cell, tap_val, grad_x (batch,
-    in_channels, X), geometry tuple, nd, group_in, group_out)``.
-    """
-    zero = np.dtype(dtype).type(0)
-
-    def grad_input(grad_out, n_taps, tap_cell, tap_val, grad_x, geo, nd, group_in, group_out):
-        ksize = cuda.local.array(MAX_DIMS, int64)
-        stride = cuda.local.array(MAX_DIMS, int64)
-        pad = cuda.local.array(MAX_DIMS, int64)
-        xsize = cuda.local.array(MAX_DIMS, int64)
-        ysize = cuda.local.array(MAX_DIMS, int64)
-        z = cuda.local.array(MAX_DIMS, int64)
-        k = cuda.local.array(MAX_DIMS, int64)
-        _unpack_geometry(geo, ksize, stride, pad, xsize, ysize)
-        n_batch, n_in, n_x = grad_x.shape
-        total = n_batch * n_in * n_x
-        for f in range(cuda.grid(1), total, cuda.gridsize(1)):
-            zq = f % n_x
-            r = f // n_x
-            ci = r % n_in
-            n = r // n_in
-            _unravel(zq, nd, xsize, z)
-            g = ci // group_in
-            i = ci - g * group_in
-            acc = zero
-            for oo in range(group_out):
-                o = g * group_out + oo
-                pair = o * group_in + i
-                for t in range(n_taps[pair]):
-                    _unravel(tap_cell[pair, t], nd, ksize, k)
-                    off = _output_offset(z, k, nd, stride, pad, ysize)
-                    if off >= 0:
-                        acc += tap_val[pair, t] * grad_out[n, o, off]
-            grad_x[n, ci, zq] = acc
-
-    grad_input.__name__ = f"ndcls_conv_grad_input_{dtype}"
-    return grad_input
+    planes.__name__ = f"ndcls_conv_{'grad_input' if transposed else 'forward'}_{dtype}"
+    return planes
 
 
 def _tap_partials(grad_out, x, n_taps, tap_cell, partial, geo, nd, group_in, group_out, chunk_len):
@@ -387,8 +357,8 @@ _SOURCES = {
     "zero": lambda dtype: _zero,
     "mark": lambda dtype: _mark,
     "compact": lambda dtype: _compact,
-    "forward": forward_source,
-    "grad_input": grad_input_source,
+    "forward": lambda dtype: planes_source(dtype, False),
+    "grad_input": lambda dtype: planes_source(dtype, True),
     "tap_partials": lambda dtype: _tap_partials,
     "tap_sums": lambda dtype: _tap_sums,
     "reduce": lambda dtype: _reduce,
