@@ -297,6 +297,45 @@ def test_bad_grad_output_and_mixed_libraries():
         ndcls.conv(torch.from_numpy(X), W, P, (5, 4), groups=2)
 
 
+# -- large planes ----------------------------------------------------------------------------------------
+
+#: shapes past the CPU kernel's task split (docs/conv.md, section 6): planes longer than one run
+#: of CHUNK cells (several runs per plane), short planes sharing a task (batch and channel blocks
+#: that cross group boundaries), strides whose output rows fall in different runs
+LARGE_CASES = [
+    # (input shape, sizes, learned_dims, count, groups, out_channels, stride, padding, interpolation)
+    ((2, 4, 9000), (25,), (0,), 3, 2, 6, (1,), 12, "bilinear"),
+    ((1, 2, 8200), (9,), (0,), 2, 1, 3, (3,), (4,), "gauss"),
+    ((5, 6, 7), (5,), (0,), 2, 3, 9, (1,), 2, "bilinear"),
+    ((2, 4, 70, 90), (7, 9), (0, 1), 4, 2, 4, (2, 1), (3, 5), "gauss"),
+    ((1, 3, 9, 40, 50), (3, 5, 5), (1, 2), 2, 3, 3, (1, 2, 1), 1, "bilinear"),
+]
+
+
+@pytest.mark.parametrize("backend", [p for p in FAST if p.values[0] != "numba-cuda"])  # too large for the simulator
+@pytest.mark.parametrize("shape, sizes, learned, count, groups, out_channels, stride, padding, interpolation", LARGE_CASES)
+def test_large_planes_match_reference(backend, shape, sizes, learned, count, groups, out_channels, stride, padding, interpolation):
+    rng = np.random.default_rng(11)
+    n, cin = shape[:2]
+    dense = tuple(s for a, s in enumerate(sizes) if a not in learned)
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((out_channels, cin // groups, *dense, count))
+    lo = np.array([sizes[a] for a in learned], dtype=float).reshape(-1, *[1] * (3 + len(dense)))
+    p = rng.uniform(-1, 1, size=(len(learned), out_channels, cin // groups, *dense, count)) * lo
+    sigma = rng.uniform(0.3, 1.5, size=p.shape) if interpolation == "gauss" else None
+    kw = dict(sigma=sigma, interpolation=interpolation, learned_dims=learned, stride=stride, padding=padding, groups=groups)
+    out = ndcls.conv(x, w, p, sizes, backend=backend, **kw)
+    assert_close(out, ndcls.conv(x, w, p, sizes, backend="numpy", **kw), what="output")
+    g = rng.standard_normal(out.shape)
+    got = ndcls.conv_grad(g, x, w, p, sizes, backend=backend, **kw)
+    expected = ndcls.conv_grad(g, x, w, p, sizes, backend="numpy", **kw)
+    for name, a, e in zip(("input", "weight", "positions", "sigma"), got, expected):
+        if e is None:
+            assert a is None
+        else:
+            assert_close(a, e, what=f"grad_{name}")
+
+
 # -- threads -------------------------------------------------------------------------------------------
 
 

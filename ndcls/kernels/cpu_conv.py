@@ -37,22 +37,23 @@ from ndcls.kernels.cpu import (
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _count_taps(kind, positions, sigma, sizes, radius, counts):
+def _count_taps(kind, positions, sigma, sizes, radius, counts, n_chunks):
     """``counts[b, d, c]``: number of kernel cells element ``(b, d, c)`` touches (0 if invalid)."""
     m, n_batch, n_dense, count = positions.shape
-    for b in prange(n_batch):
-        for d in range(n_dense):
-            for c in range(count):
-                n = 1
-                for j in range(m):
-                    p = positions[j, b, d, c]
-                    s = sigma[j, b, d, c]
-                    if not _valid(kind, p, s):
-                        n = 0
-                        break
-                    lo, hi = _cut_support(kind, p, s, sizes[j], radius)
-                    n *= max(hi - lo, 0)
-                counts[b, d, c] = n
+    for chunk in prange(n_chunks):  # chunks of channel pairs: claimed one at a time, not pairs
+        for b in range(chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks):
+            for d in range(n_dense):
+                for c in range(count):
+                    n = 1
+                    for j in range(m):
+                        p = positions[j, b, d, c]
+                        s = sigma[j, b, d, c]
+                        if not _valid(kind, p, s):
+                            n = 0
+                            break
+                        lo, hi = _cut_support(kind, p, s, sizes[j], radius)
+                        n *= max(hi - lo, 0)
+                    counts[b, d, c] = n
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
@@ -99,26 +100,291 @@ def _fill_taps(kind, normalised, weight, positions, sigma, sizes, learned_axes, 
                             break
 
 
-@njit(cache=True, inline="always")
-def _tap_window(cell, stride, pad, xshape, yshape, xs, ys, count):
-    """Output cells that tap ``cell`` reaches inside the input: per axis ``count[a]`` cells
-    from the first one; returns ``(ok, input offset, output offset)`` of that first cell.
+#: widest run of the flattened output a task accumulates at once (floats; a few KiB, in L1)
+CHUNK = 4096
+#: every run is a whole number of LANES cells (one AVX-512 register of float32): no scalar
+#: remainder loops. The planes a run reads and the accumulators carry LANES cells of zero
+#: slack, and a run's extra cells read zero padding or land on cells that are never copied out.
+LANES = 16
 
-    Output cell ``y`` reads input cell ``y * stride + cell - pad``; only the ``y`` for which
-    it lies in ``[0, xshape)`` are visited (zero padding costs nothing)."""
-    src = 0
-    dst = 0
-    for a in range(stride.shape[0]):
-        off = cell[a] - pad[a]
-        s = stride[a]
-        first = 0 if off >= 0 else (s - 1 - off) // s
-        end = min(yshape[a], (xshape[a] - 1 - off) // s + 1)
-        if end <= first:
-            return False, 0, 0
-        count[a] = end - first
-        src += (first * s + off) * xs[a]
-        dst += first * ys[a]
-    return True, src, dst
+
+@njit(cache=True, inline="always")
+def _lanes(n):
+    return (n + LANES - 1) // LANES * LANES
+
+
+@njit(cache=True, inline="always")
+def _axpy4(acc, at, src, o0, v0, o1, v1, o2, v2, o3, v3, n):
+    """``acc[at + q] += sum_k v_k * src[o_k + q]`` for ``q < n``. Flat arrays and unsigned
+    indices: no slicing per call and no negative-index wraparound, so LLVM vectorizes."""
+    for q in range(n):
+        acc[at + q] += v0 * src[o0 + q] + v1 * src[o1 + q] + v2 * src[o2 + q] + v3 * src[o3 + q]
+
+
+@njit(cache=True, inline="always")
+def _axpy2(acc, at, src, o0, v0, o1, v1, n):
+    for q in range(n):
+        acc[at + q] += v0 * src[o0 + q] + v1 * src[o1 + q]
+
+
+@njit(cache=True, inline="always")
+def _axpy1(acc, at, src, o0, v0, n):
+    for q in range(n):
+        acc[at + q] += v0 * src[o0 + q]
+
+
+@njit(cache=True, inline="always")
+def _tap_run(cell, t, base, sign, wide, data_lo, data_hi):
+    """Tap ``t`` reads the source at ``f + off`` for wide-grid cell ``f``, ``off = (base + sign *
+    cell) . wide``; returns ``off`` and the rows ``[lo, hi)`` of axis 0 (of the wide grid)
+    whose source row lies in ``[data_lo, data_hi)`` (outside it the source is zero padding)."""
+    off = 0
+    for a in range(wide.shape[0]):
+        off += (base[a] + sign * cell[t, a]) * wide[a]
+    shift = base[0] + sign * cell[t, 0]
+    return off, max(data_lo - shift, 0), data_hi - shift
+
+
+@njit(cache=True, inline="always")
+def _pair_taps(acc, acc_at, acc_step, src, src_at, src_step, n_batch, cell, value, t, end, base, sign, wide, data_lo, data_hi, f0, f1):
+    """Add the taps ``[t, end)`` of one channel pair to the run ``[f0, f1)`` of the wide grid,
+    for ``n_batch`` batch indices (accumulator and source planes ``acc_step``, ``src_step``
+    apart), four taps per pass (then two, then one)."""
+    row = wide[0]
+    while t < end:
+        group = 4 if end - t >= 4 else (2 if end - t >= 2 else 1)
+        lo = f1
+        hi = f0
+        o0 = o1 = o2 = o3 = 0
+        for k in range(group):
+            off, first, last = _tap_run(cell, t + k, base, sign, wide, data_lo, data_hi)
+            if k == 0:
+                o0 = off
+            elif k == 1:
+                o1 = off
+            elif k == 2:
+                o2 = off
+            else:
+                o3 = off
+            if first * row < f1 and last * row > f0 and first < last:
+                lo = min(lo, max(f0, first * row))
+                hi = max(hi, min(f1, last * row))
+        if lo < hi:
+            length = np.uint64(_lanes(hi - lo))
+            for n in range(n_batch):
+                at = np.uint64(acc_at + n * acc_step + lo - f0)
+                s = src_at + n * src_step + lo
+                if group == 4:
+                    _axpy4(
+                        acc, at, src, np.uint64(s + o0), value[t], np.uint64(s + o1), value[t + 1],
+                        np.uint64(s + o2), value[t + 2], np.uint64(s + o3), value[t + 3], length,
+                    )  # fmt: skip
+                elif group == 2:
+                    _axpy2(acc, at, src, np.uint64(s + o0), value[t], np.uint64(s + o1), value[t + 1], length)
+                else:
+                    _axpy1(acc, at, src, np.uint64(s + o0), value[t], length)
+        t += group
+
+
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
+def _gather(
+    src, dst, pair_start, cell, value, transposed, group_in, group_out, base, sign, data_lo, data_hi,
+    wide, extent, out_shape, out_step,
+):  # fmt: skip
+    """``dst[n, c, y] = sum_t value[t] * src[n, s_t, f(y * out_step) + off_t]`` over the taps
+    ``t`` of the channel pairs of ``c``: for the forward (``transposed`` False) ``c`` is an output
+    channel, its pairs ``c * group_in + j`` and ``s_t`` their input channels; for the input
+    gradient ``c`` is an input channel and ``s_t`` the output channels of its pairs.
+
+    ``src``: ``(batch, channels, cells)`` zero-padded planes, C order with strides ``wide``
+    and LANES cells of slack; the sum runs on the flattened "wide" grid ``f(y) = sum_a y[a] *
+    wide[a]`` (``[0, extent)``, rows as long as the padded ones), so every tap is one
+    contiguous axpy (offsets and rows from :func:`_tap_run`). The cells of the output grid
+    ``out_shape`` (every ``out_step``-th cell of the wide grid) are then copied to ``dst``
+    (``(batch, channels, prod(out_shape))``); the other cells of the wide grid are never read.
+
+    One task per (run of rows of at most CHUNK cells, block of batch indices, block of
+    channels), the blocks as large as CHUNK accumulator cells allow: short planes share a
+    task, and the channels of a block read each source plane while it is in cache. Each task
+    adds its taps in a fixed order: results do not depend on the threads.
+    """
+    n_batch, n_dst, _ = dst.shape
+    nd = wide.shape[0]
+    row = wide[0]
+    rows_per_task = max(1, CHUNK // row)
+    n_rows = (extent + row - 1) // row
+    n_runs = (n_rows + rows_per_task - 1) // rows_per_task
+    run = min(extent, rows_per_task * row)
+    per_block = max(1, min(n_batch, CHUNK // run))
+    n_blocks = (n_batch + per_block - 1) // per_block
+    per_cblock = max(1, CHUNK // (run * per_block))
+    n_cblocks = (n_dst + per_cblock - 1) // per_cblock
+    ys = _c_strides(out_shape)
+    n_src = group_out if transposed else group_in
+    cells = src.shape[2]
+    flat_src = src.reshape(-1)
+    for task in prange(n_cblocks * n_blocks * n_runs):
+        c0 = task // (n_blocks * n_runs) * per_cblock
+        c1 = min(n_dst, c0 + per_cblock)
+        n0 = (task // n_runs) % n_blocks * per_block
+        n1 = min(n_batch, n0 + per_block)
+        r0 = (task % n_runs) * rows_per_task
+        f0 = r0 * row
+        f1 = min(extent, (r0 + rows_per_task) * row)
+        width = f1 - f0 + LANES
+        acc = np.zeros((c1 - c0, n1 - n0, width), dtype=dst.dtype)  # [channel, batch, cell]
+        flat_acc = acc.reshape(-1)
+        for j in range(n_src):  # source j of every channel of the block, while it is in cache
+            for c in range(c0, c1):
+                if transposed:
+                    channel = (c // group_in) * group_out + j
+                    pair = channel * group_in + c % group_in
+                else:
+                    channel = (c // group_out) * group_in + j
+                    pair = c * group_in + j
+                _pair_taps(
+                    flat_acc, (c - c0) * (n1 - n0) * width, width, flat_src, (n0 * src.shape[1] + channel) * cells,
+                    src.shape[1] * cells, n1 - n0, cell, value, pair_start[pair], pair_start[pair + 1], base, sign,
+                    wide, data_lo, data_hi, f0, f1,
+                )  # fmt: skip
+        # copy the output cells of this run: y[0] with y[0] * out_step[0] in [r0, r0 + rows_per_task)
+        s0 = out_step[0]
+        y_first = (r0 + s0 - 1) // s0
+        y_end = min(out_shape[0], (r0 + rows_per_task + s0 - 1) // s0)
+        idx = np.zeros(nd, np.int64)
+        for c in range(c0, c1):
+            for n in range(n0, n1):
+                plane = dst[n, c]
+                cells_run = acc[c - c0, n - n0]
+                for y0 in range(y_first, y_end):
+                    idx[0] = y0
+                    while True:
+                        f = 0
+                        d = 0
+                        for a in range(nd):
+                            f += idx[a] * out_step[a] * wide[a]
+                            d += idx[a] * ys[a]
+                        f -= f0
+                        if nd == 1:
+                            plane[d] = cells_run[f]
+                        else:
+                            step = out_step[nd - 1]
+                            for q in range(out_shape[nd - 1]):
+                                plane[d + q] = cells_run[f + q * step]
+                        if nd <= 2 or not _advance_inner(idx, out_shape, nd):
+                            break
+
+
+@njit(cache=True, inline="always")
+def _advance_inner(idx, shape, nd):
+    """Next index over axes ``1 .. nd - 2`` (the last axis is a contiguous run); False when done."""
+    for a in range(nd - 2, 0, -1):
+        idx[a] += 1
+        if idx[a] < shape[a]:
+            return True
+        idx[a] = 0
+    return False
+
+
+@njit(cache=True, inline="always")
+def _dots4(gy, at, x, o0, o1, o2, o3, n, zero):
+    """``sum_q gy[at + q] * x[o_k + q]`` for ``q < n``, k = 0..3, summed in the input dtype
+    (``zero``'s); flat arrays and unsigned indices as in :func:`_axpy4`."""
+    a0 = zero
+    a1 = zero
+    a2 = zero
+    a3 = zero
+    for q in range(n):
+        g = gy[at + q]
+        a0 += g * x[o0 + q]
+        a1 += g * x[o1 + q]
+        a2 += g * x[o2 + q]
+        a3 += g * x[o3 + q]
+    return a0, a1, a2, a3
+
+
+@njit(cache=True, inline="always")
+def _dots2(gy, at, x, o0, o1, n, zero):
+    a0 = zero
+    a1 = zero
+    for q in range(n):
+        g = gy[at + q]
+        a0 += g * x[o0 + q]
+        a1 += g * x[o1 + q]
+    return a0, a1
+
+
+@njit(cache=True, inline="always")
+def _dot1(gy, at, x, o0, n, zero):
+    a0 = zero
+    for q in range(n):
+        a0 += gy[at + q] * x[o0 + q]
+    return a0
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _tap_grads(gy, x, o, ci, t, end, cell, base, sign, wide, data_lo, data_hi, extent, grad_tap, zero):
+    """``grad_tap[t:end] = sum_n sum_f gy[n, o, f] * x[n, ci, f + off_t]`` for the taps of one
+    channel pair (four per pass, then two, then one; offsets and rows from :func:`_tap_run`),
+    summed in the input dtype over runs of at most CHUNK cells and in float64 across runs.
+    ``gy`` is zero outside the output cells and ``x`` outside the input: a run may be longer
+    than its taps' rows (whole LANES)."""
+    row = wide[0]
+    flat_gy = gy.reshape(-1)
+    flat_x = x.reshape(-1)
+    while t < end:
+        group = 4 if end - t >= 4 else (2 if end - t >= 2 else 1)
+        lo = extent
+        hi = 0
+        o0 = o1 = o2 = o3 = 0
+        for k in range(group):
+            off, first, last = _tap_run(cell, t + k, base, sign, wide, data_lo, data_hi)
+            if k == 0:
+                o0 = off
+            elif k == 1:
+                o1 = off
+            elif k == 2:
+                o2 = off
+            else:
+                o3 = off
+            if first < last:
+                lo = min(lo, first * row)
+                hi = max(hi, min(extent, last * row))
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        if lo < hi:
+            hi = lo + _lanes(hi - lo)
+            for n in range(gy.shape[0]):
+                g_at = (n * gy.shape[1] + o) * gy.shape[2]
+                x_at = (n * x.shape[1] + ci) * x.shape[2]
+                for r in range(lo, hi, CHUNK):
+                    m = np.uint64(min(CHUNK, hi - r))
+                    g = np.uint64(g_at + r)
+                    xr = x_at + r
+                    if group == 4:
+                        d0, d1, d2, d3 = _dots4(
+                            flat_gy, g, flat_x, np.uint64(xr + o0), np.uint64(xr + o1), np.uint64(xr + o2),
+                            np.uint64(xr + o3), m, zero,
+                        )  # fmt: skip
+                        s0 += d0
+                        s1 += d1
+                        s2 += d2
+                        s3 += d3
+                    elif group == 2:
+                        d0, d1 = _dots2(flat_gy, g, flat_x, np.uint64(xr + o0), np.uint64(xr + o1), m, zero)
+                        s0 += d0
+                        s1 += d1
+                    else:
+                        s0 += _dot1(flat_gy, g, flat_x, np.uint64(xr + o0), m, zero)
+        grad_tap[t] = s0
+        if group >= 2:
+            grad_tap[t + 1] = s1
+        if group == 4:
+            grad_tap[t + 2] = s2
+            grad_tap[t + 3] = s3
+        t += group
 
 
 @njit(cache=True, inline="always")
@@ -132,123 +398,18 @@ def _c_strides(shape):
 
 
 @njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
-def _forward(x, out, pair_start, tap_cell, tap_val, group_in, group_out, stride, pad, xshape, yshape):
-    """``out[n, o] = sum_i sum_taps value * window(x[n, g * group_in + i])``; x, out flat per plane."""
-    n_batch, n_out, _ = out.shape
-    nd = stride.shape[0]
-    last = nd - 1
-    xs = _c_strides(xshape)
-    ys = _c_strides(yshape)
-    for o in prange(n_out):  # one task per output channel: its planes for every batch index
-        g = o // group_out
-        count = np.empty(nd, np.int64)
-        zero = np.zeros(nd, np.int64)
-        idx = np.zeros(nd, np.int64)
-        step = np.empty(nd, np.int64)
-        for a in range(nd):
-            step[a] = stride[a] * xs[a]
-        for n in range(n_batch):
-            out[n, o, :] = 0
-        sl = step[last]
-        for i in range(group_in):
-            pair = o * group_in + i
-            for t in range(pair_start[pair], pair_start[pair + 1]):
-                ok, s0, d0 = _tap_window(tap_cell[t], stride, pad, xshape, yshape, xs, ys, count)
-                if not ok:
-                    continue
-                v = tap_val[t]
-                for n in range(n_batch):  # the tap's window is the same for every batch index
-                    src = x[n, g * group_in + i]
-                    plane = out[n, o]
-                    idx[:] = 0
-                    while True:
-                        so = s0
-                        do = d0
-                        for a in range(last):
-                            so += idx[a] * step[a]
-                            do += idx[a] * ys[a]
-                        if sl == 1:
-                            for q in range(count[last]):
-                                plane[do + q] += v * src[so + q]
-                        else:
-                            for q in range(count[last]):
-                                plane[do + q] += v * src[so + q * sl]
-                        if not _advance(idx, zero, count, last):
-                            break
-
-
-@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
-def _grad_input(grad_out, grad_x, pair_start, tap_cell, tap_val, group_in, group_out, stride, pad, xshape, yshape):
-    """The transposed taps: ``grad_x[n, c] = sum_o sum_taps value * window^T(grad_out[n, o])``."""
-    n_batch, n_in, _ = grad_x.shape
-    nd = stride.shape[0]
-    last = nd - 1
-    xs = _c_strides(xshape)
-    ys = _c_strides(yshape)
-    for ci in prange(n_in):  # one task per input channel: its planes for every batch index
-        g = ci // group_in
-        i = ci % group_in
-        count = np.empty(nd, np.int64)
-        zero = np.zeros(nd, np.int64)
-        idx = np.zeros(nd, np.int64)
-        step = np.empty(nd, np.int64)
-        for a in range(nd):
-            step[a] = stride[a] * xs[a]
-        for n in range(n_batch):
-            grad_x[n, ci, :] = 0
-        sl = step[last]
-        for oo in range(group_out):
-            o = g * group_out + oo
-            pair = o * group_in + i
-            for t in range(pair_start[pair], pair_start[pair + 1]):
-                ok, x0, y0 = _tap_window(tap_cell[t], stride, pad, xshape, yshape, xs, ys, count)
-                if not ok:
-                    continue
-                v = tap_val[t]
-                for n in range(n_batch):
-                    src = grad_out[n, o]
-                    plane = grad_x[n, ci]
-                    idx[:] = 0
-                    while True:
-                        xo = x0
-                        yo = y0
-                        for a in range(last):
-                            xo += idx[a] * step[a]
-                            yo += idx[a] * ys[a]
-                        if sl == 1:
-                            for q in range(count[last]):
-                                plane[xo + q] += v * src[yo + q]
-                        else:
-                            for q in range(count[last]):
-                                plane[xo + q * sl] += v * src[yo + q]
-                        if not _advance(idx, zero, count, last):
-                            break
-
-
-@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
 def _grad_elements(
-    kind, normalised, grad_out, x, weight, positions, sigma, sizes, radius, start, tap_cell,
-    group_in, group_out, stride, pad, xshape, yshape, grad_tap, grad_w, grad_p, grad_s, n_chunks,
+    kind, normalised, gy, x, weight, positions, sigma, sizes, radius, start, cell, origin, wide, data_lo, data_hi,
+    extent, group_in, group_out, grad_tap, grad_w, grad_p, grad_s, n_chunks, zero,
 ):  # fmt: skip
     """Per channel pair: ``dL/dK`` at each tap (the correlation of the output gradient with the
-    tap's input window over the batch) into ``grad_tap``, then each element's chain rule."""
+    tap's input window over the batch, :func:`_tap_grads`) into ``grad_tap``, then each
+    element's chain rule. ``gy``: output gradient on the wide grid, ``x``: padded input."""
     m, n_pairs, n_dense, count = positions.shape
-    n_batch = x.shape[0]
-    nd = stride.shape[0]
-    last = nd - 1
-    xs = _c_strides(xshape)
-    ys = _c_strides(yshape)
     width = 1
     for j in range(m):
         width = max(width, sizes[j])
-    for chunk in prange(n_chunks):  # scratch per chunk of channel pairs, not per pair
-        cnt = np.empty(nd, np.int64)
-        zero = np.zeros(nd, np.int64)
-        idx = np.zeros(nd, np.int64)
-        step = np.empty(nd, np.int64)
-        for a in range(nd):
-            step[a] = stride[a] * xs[a]
-        sl = step[last]
+    for chunk in prange(n_chunks):  # scratch per chunk of output channels, not per pair
         a_ = np.empty((m, width))
         da_dp = np.empty((m, width))
         da_ds = np.empty((m, width))
@@ -259,34 +420,18 @@ def _grad_elements(
         at = np.empty(m, np.int64)
         u = np.empty(m)
         v = np.empty(m)
-        for pair in range(chunk * n_pairs // n_chunks, (chunk + 1) * n_pairs // n_chunks):
-            o = pair // group_in
-            ci = (o // group_out) * group_in + pair % group_in
-            for t in range(start[pair * n_dense * count], start[(pair + 1) * n_dense * count]):
-                ok, s0, d0 = _tap_window(tap_cell[t], stride, pad, xshape, yshape, xs, ys, cnt)
-                total = 0.0
-                if ok:
-                    for n in range(n_batch):
-                        src = x[n, ci]
-                        gy = grad_out[n, o]
-                        idx[:] = 0
-                        while True:
-                            so = s0
-                            do = d0
-                            for a in range(last):
-                                so += idx[a] * step[a]
-                                do += idx[a] * ys[a]
-                            acc = 0.0
-                            if sl == 1:
-                                for q in range(cnt[last]):
-                                    acc += gy[do + q] * src[so + q]
-                            else:
-                                for q in range(cnt[last]):
-                                    acc += gy[do + q] * src[so + q * sl]
-                            total += acc
-                            if not _advance(idx, zero, cnt, last):
-                                break
-                grad_tap[t] = total
+        # a chunk of output channels, input channel slowest: each input plane is read while it
+        # is in cache for every output channel of the chunk
+        o0 = chunk * (n_pairs // group_in) // n_chunks
+        o1 = (chunk + 1) * (n_pairs // group_in) // n_chunks
+        for p in range((o1 - o0) * group_in):
+            o = o0 + p % (o1 - o0)
+            j = p // (o1 - o0)
+            pair = o * group_in + j
+            ci = (o // group_out) * group_in + j
+            first = start[pair * n_dense * count]
+            end = start[(pair + 1) * n_dense * count]
+            _tap_grads(gy, x, o, ci, first, end, cell, origin, 1, wide, data_lo, data_hi, extent, grad_tap, zero)
             # the chain rule of every element of this pair, from dL/dK at its taps
             for d in range(n_dense):
                 for c in range(count):
@@ -317,9 +462,9 @@ def _grad_elements(
 # -- host side ----------------------------------------------------------------------------------------
 
 
-def _chunks(n_pairs):
-    """Chunks of channel pairs: many more than threads (claimed dynamically), none empty."""
-    return max(1, min(n_pairs, 16 * numba.get_num_threads()))
+def _chunks(n):
+    """Chunks of ``n`` channels or channel pairs: many more than threads (claimed dynamically), none empty."""
+    return max(1, min(n, 16 * numba.get_num_threads()))
 
 
 def _uninitialised(shape, dtype):
@@ -346,7 +491,7 @@ class _Taps:
         self.n_chunks = _chunks(k.n_batch)
         self.radius = gauss_cut(k.dtype)
         counts = np.empty((k.n_batch, k.n_dense, k.count), dtype=np.int64)
-        _count_taps(self.kind, self.positions, self.sigma, self.sizes, self.radius, counts)
+        _count_taps(self.kind, self.positions, self.sigma, self.sizes, self.radius, counts, self.n_chunks)
         self.start = np.zeros(counts.size + 1, dtype=np.int64)
         np.cumsum(counts.reshape(-1), out=self.start[1:])
         self.pair_start = np.ascontiguousarray(self.start[:: k.n_dense * k.count])
@@ -362,54 +507,120 @@ class _Taps:
         )  # fmt: skip
 
 
-def _geometry(spec):
-    return (
-        spec.group_in,
-        spec.group_out,
-        np.asarray(spec.stride, dtype=np.int64),
-        np.asarray([lo for lo, _ in spec.padding], dtype=np.int64),
-        np.asarray(spec.spatial, dtype=np.int64),
-        np.asarray(spec.out_spatial, dtype=np.int64),
-    )
+class _Grid:
+    """The flattened geometry of a call (docs/conv.md, section 6): the input zero-padded to
+    ``padded`` (C order, strides ``wide``), tap ``t`` at offset ``cell_t . wide`` into it."""
+
+    def __init__(self, spec):
+        self.pad = np.array([lo for lo, _ in spec.padding], dtype=np.int64)
+        self.spatial = np.array(spec.spatial, dtype=np.int64)
+        self.sizes = np.array(spec.kernel.sizes, dtype=np.int64)
+        self.stride = np.array(spec.stride, dtype=np.int64)
+        self.out = np.array(spec.out_spatial, dtype=np.int64)
+        self.padded = self.spatial + np.array([lo + hi for lo, hi in spec.padding], dtype=np.int64)
+        self.full = self.padded - self.sizes + 1  # the output at stride 1
+        self.wide = _strides(self.padded)
+        #: the wide grid the forward accumulates on: up to the last output cell
+        self.extent = int(((self.out - 1) * self.stride * self.wide).sum()) + 1
+
+    def padded_input(self, input):
+        """``(batch, channels, prod(padded))``: the input inside zeros."""
+        return _embed(input, self.padded, self.pad, np.ones_like(self.stride))
+
+    def wide_output(self, output):
+        """An output (gradient) on the wide grid: cell ``y`` at ``y * stride``, zeros elsewhere
+        (the rows of the padded input, so that ``f + off`` addresses the tap's input cell)."""
+        shape = self.padded.copy()
+        shape[0] = self.full[0]
+        return _embed(output, shape, np.zeros_like(self.pad), self.stride)
+
+    def forward_taps(self):
+        """``(base, sign, data_lo, data_hi)`` of :func:`_tap_run` for the forward and ``dL/dK``."""
+        return np.zeros_like(self.pad), 1, self.pad[0], self.pad[0] + self.spatial[0]
+
+
+def _strides(shape):
+    out = np.ones(len(shape), dtype=np.int64)
+    for a in range(len(shape) - 2, -1, -1):
+        out[a] = out[a + 1] * shape[a + 1]
+    return out
+
+
+def _embed(a, shape, front, step):
+    """Zeros of ``(batch, channels, *shape)`` with ``a`` placed from ``front`` every ``step``
+    cells per axis, flattened to planes of ``prod(shape) + LANES`` cells (zero slack)."""
+    size = math.prod(shape)
+    out = np.zeros((*a.shape[:2], size + LANES), dtype=a.dtype)
+    window = tuple(slice(f, f + (n - 1) * s + 1, s) for f, n, s in zip(front, a.shape[2:], step))
+    out[:, :, :size].reshape(*a.shape[:2], *shape)[(slice(None), slice(None), *window)] = a
+    return out
 
 
 def _planes(a):
     return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
 
 
-def _work(spec, taps):
-    """Multiply-adds of one pass over every tap (upper estimate: windows cut by the borders count whole)."""
-    per_pair = taps.value.shape[0] * spec.batch * math.prod(spec.out_spatial)
-    return per_pair + spec.kernel.n_batch * spec.kernel.n_dense * spec.kernel.count
+def _work(spec, taps, extent):
+    """Multiply-adds of one pass over every tap (upper estimate: whole wide grid per tap)."""
+    return taps.value.shape[0] * spec.batch * extent + spec.kernel.n_batch * spec.kernel.n_dense * spec.kernel.count
+
+
+#: operations per element of building its taps (profiles, a few exp for gauss), for :func:`threads_for`
+ELEMENT_WORK = 64
+
+
+def _element_work(spec):
+    return spec.kernel.n_batch * spec.kernel.n_dense * spec.kernel.count * ELEMENT_WORK
 
 
 def conv(spec, input, weight, positions, sigma, out=None):
-    with threads_for(spec.kernel.n_batch * spec.kernel.n_dense * spec.kernel.count * 4):
+    with threads_for(_element_work(spec)):
         taps = _Taps(spec, weight, positions, sigma)
+    grid = _Grid(spec)
     if out is None:
         out = np.empty(spec.output_shape, dtype=spec.dtype)
-    with threads_for(_work(spec, taps)):
-        _forward(_planes(input), _planes(out), taps.pair_start, taps.cell, taps.value, *_geometry(spec))
+    with threads_for(_work(spec, taps, grid.extent)):
+        _gather(
+            grid.padded_input(input), _planes(out), taps.pair_start, taps.cell, taps.value, False,
+            spec.group_in, spec.group_out, *grid.forward_taps(), grid.wide, grid.extent, grid.out, grid.stride,
+        )  # fmt: skip
     return out
+
+
+def _grad_input(spec, grid, taps, grad_output):
+    """The transposed convolution as a gather from the output gradient zero-padded by
+    ``margin = size - 1`` (at stride > 1 placed every ``stride`` cells of the stride-1 grid):
+    tap ``t`` reads it at ``(pad + margin - cell_t) . wide``."""
+    margin = grid.sizes - 1
+    padded = grid.full + 2 * margin
+    wide = _strides(padded)
+    extent = int(((grid.spatial - 1) * wide).sum()) + 1
+    grad_input = np.empty(spec.input_shape, dtype=spec.dtype)
+    _gather(
+        _embed(grad_output, padded, margin, grid.stride), _planes(grad_input), taps.pair_start, taps.cell, taps.value,
+        True, spec.group_in, spec.group_out, grid.pad + margin, -1, margin[0], margin[0] + grid.full[0], wide, extent,
+        grid.spatial, np.ones_like(grid.stride),
+    )  # fmt: skip
+    return grad_input
 
 
 def conv_grad(spec, grad_output, input, weight, positions, sigma):
     k = spec.kernel
-    with threads_for(k.n_batch * k.n_dense * k.count * 4):
+    with threads_for(_element_work(spec)):
         taps = _Taps(spec, weight, positions, sigma)
-    geometry = _geometry(spec)
-    work = _work(spec, taps)
-    grad_input = np.empty(spec.input_shape, dtype=spec.dtype)
-    with threads_for(work):
-        _grad_input(_planes(grad_output), _planes(grad_input), taps.pair_start, taps.cell, taps.value, *geometry)
-    grad_tap = np.empty(taps.value.shape[0])
-    grad_w = np.empty((k.n_batch, k.n_dense, k.count), dtype=spec.dtype)
-    grad_p = np.empty(taps.positions.shape, dtype=spec.dtype)
-    grad_s = np.empty(taps.positions.shape, dtype=spec.dtype)
-    with threads_for(work):
+    grid = _Grid(spec)
+    with threads_for(_work(spec, taps, grid.extent)):
+        grad_input = _grad_input(spec, grid, taps, grad_output)
+        grad_tap = np.empty(taps.value.shape[0])
+        grad_w = np.empty((k.n_batch, k.n_dense, k.count), dtype=spec.dtype)
+        grad_p = np.empty(taps.positions.shape, dtype=spec.dtype)
+        grad_s = np.empty(taps.positions.shape, dtype=spec.dtype)
+        base, _, data_lo, data_hi = grid.forward_taps()
         _grad_elements(
-            taps.kind, taps.normalised, _planes(grad_output), _planes(input), taps.weight, taps.positions, taps.sigma,
-            taps.sizes, taps.radius, taps.start, taps.cell, *geometry, grad_tap, grad_w, grad_p, grad_s, taps.n_chunks,
+            taps.kind, taps.normalised, grid.wide_output(grad_output), grid.padded_input(input), taps.weight,
+            taps.positions, taps.sigma, taps.sizes, taps.radius, taps.start, taps.cell, base, grid.wide, data_lo,
+            data_hi, grid.extent, spec.group_in, spec.group_out, grad_tap, grad_w, grad_p, grad_s, taps.n_chunks,
+            spec.dtype.type(0),
         )  # fmt: skip
     return (
         grad_input,
