@@ -2,22 +2,26 @@
 
 The kernel ``K`` is never built. Each element is a short list of *taps*: the kernel cells it
 touches (its ``2**M`` bilinear corners, its triangle support, its Gaussian support cut at the
-rounding of its peak) with the value ``w * prod_j a_j / Z`` it puts there. Then
+rounding of its peak) with the value ``w * prod_j a_j / Z`` it puts there. The input is copied
+once into zeros padded by the convolution's padding, and every plane is read on the *wide
+grid*: output cell ``y`` at the flat index ``f = y . wide`` of the padded plane (its C-order
+strides), so that a tap at kernel cell ``k`` reads input ``f + k . wide``. A tap is then one
+contiguous axpy over the whole plane (rows of padded length; the cells past each output row
+are computed and dropped), whatever N:
 
-* forward: each output plane ``(n, o)`` is the sum, over the input channels of its group and
-  the taps of each channel pair, of the tap value times the input window the tap's cell
-  selects (an axpy over the output plane);
-* grad_input: each input plane ``(n, c)`` gets the same taps transposed (the window of the
-  output gradient scattered back);
-* grad of weight, positions, sigma: ``dL/dK`` is needed at the taps only: the correlation of
-  the output gradient with the tap's input window, summed over the batch; then the per-element
-  chain rule of ``construct_grad`` (:func:`ndcls.kernels.cpu._element_grad`) turns it into
-  the element's gradients.
+* forward: ``acc[f] += v * x_padded[f + off]``, four taps per pass, the cells of the output
+  copied out of ``acc`` (every ``stride``-th: a strided convolution is computed at stride 1);
+* grad_input: the same gather from the output gradient padded by ``size - 1`` on both sides
+  (at stride > 1 spread on the stride-1 grid), tap offsets ``(pad + size - 1 - k) . wide``;
+* grad of weight, positions, sigma: ``dL/dK`` at the taps only, four dot products per pass of
+  the output gradient (on the wide grid, zeros elsewhere) with the padded input; then the
+  per-element chain rule of ``construct_grad`` (:func:`ndcls.kernels.cpu._element_grad`).
 
-Taps are built once per call (two passes: count, then fill, both parallel over channel pairs).
-Every output plane, input plane and element is written by one thread in a fixed order:
-results are deterministic. Tap values and the forward sums are in the input dtype; profiles,
-``Z`` and the ``dL/dK`` correlations in float64. Kernels release the GIL.
+Taps are built once per call (two passes: count, then fill, parallel over chunks of channel
+pairs). Every accumulator and element is written by one task in a fixed order: results are
+deterministic. Tap values and the forward sums are in the input dtype; profiles, ``Z`` and the
+chain rule in float64, the ``dL/dK`` dot products in the input dtype over runs of at most
+CHUNK cells, summed in float64. Kernels release the GIL.
 """
 
 from __future__ import annotations

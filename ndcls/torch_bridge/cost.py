@@ -59,18 +59,18 @@ class Rates:
 
 
 #: Calibrated on this project's 2-core CPU machine by ``ndcls bench --sections conv,threads,overhead``
-#: on an idle machine (2026-11-23, load average 0.2; docs/benchmarks.md); docs/torch.md, "Choosing
+#: (2026-11-23, after the vectorized direct kernels; docs/benchmarks.md); docs/torch.md, "Choosing
 #: the route", says how. The route rates are the medians per regime over the benchmark shapes, the
 #: call costs the times of a tiny layer, ``construct_per_element`` the construction benchmark's
 #: cost per element tap (about 1e-8 s, ConvNeXt-768 bilinear and gauss).
 RATES = Rates(
-    dense_depthwise=1.44e9,
-    dense_mixing=2.22e10,
-    direct_depthwise=8.3e8,
-    direct_mixing=8.7e8,
+    dense_depthwise=1.66e9,
+    dense_mixing=2.42e10,
+    direct_depthwise=9.96e9,
+    direct_mixing=9.24e9,
     construct_per_element=1.0e-8,
-    call_construct=2.7e-4,
-    call_direct=5.8e-4,
+    call_construct=2.8e-4,
+    call_direct=6.2e-4,
 )
 
 
