@@ -336,6 +336,30 @@ def test_large_planes_match_reference(backend, shape, sizes, learned, count, gro
             assert_close(a, e, what=f"grad_{name}")
 
 
+def test_scratch_left_by_a_larger_call_changes_nothing():
+    """The CPU backend keeps its scratch buffers between calls (cpu_conv._Scratch): a call
+    after a larger one, whose data still sits in them, gives bitwise the same results."""
+    rng = np.random.default_rng(5)
+
+    def call(shape, sizes, count, pad):
+        x = rng.standard_normal(shape).astype(np.float32)
+        w = rng.standard_normal((shape[1], shape[1], count)).astype(np.float32)
+        p = rng.uniform(0, sizes[0] - 1, size=(len(sizes), shape[1], shape[1], count)).astype(np.float32)
+        kw = dict(padding=pad, backend="numba")
+        out = ndcls.conv(x, w, p, sizes, **kw)
+        return (out, *ndcls.conv_grad(np.ones_like(out), x, w, p, sizes, **kw))
+
+    small = dict(shape=(2, 3, 20, 30), sizes=(5, 5), count=3, pad=2)
+    rng = np.random.default_rng(5)
+    first = call(**small)
+    call(shape=(3, 5, 60, 70), sizes=(9, 9), count=4, pad=4)  # larger: fills the buffers with its data
+    rng = np.random.default_rng(5)
+    again = call(**small)
+    for a, b in zip(first, again):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
 # -- threads -------------------------------------------------------------------------------------------
 
 
