@@ -7,8 +7,9 @@ of a 1-D DiffWave-style layer):
 * **default threads against one thread**, with the machine as it is ("as found") and with every
   core kept busy by spinning subprocesses that this benchmark starts and stops itself (each
   spins for a bounded time and is terminated when its repetition ends), repeated, reporting the
-  ratio of each repetition: a parallel region waits for its slowest thread, and on a busy core a
-  thread may be parked by the scheduler for a whole time slice;
+  ratio of each repetition (the two settings alternate call by call): a parallel region waits
+  for its slowest thread, and on a busy core a thread may be parked by the scheduler for a
+  whole time slice;
 * **two Python threads against one**: the same calls made twice, one after the other in one
   thread, or concurrently from two threads (each with one Numba thread). 2x means the kernels
   run without the GIL; 1x means the threads take turns.
@@ -87,31 +88,33 @@ def workloads(quick: bool = False) -> dict[str, Callable[[], object]]:
     return out
 
 
-def _median_seconds(fn, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def threads_vs_one(fn, *, repetitions: int = 3, calls: int = 15, busy: bool = False) -> list[dict]:
+    """Per repetition: mean seconds per call with Numba's default thread count and with one thread.
 
-
-def threads_vs_one(fn, *, repetitions: int = 3, calls: int = 5, busy: bool = False) -> list[dict]:
-    """Per repetition: median seconds with Numba's default thread count and with one thread."""
+    The two settings alternate call by call (default, one, default, ...), and the statistic is
+    the mean (the total time of the work): on cores shared with other processes, the share this
+    process gets changes from call to call (a call took either about 20 or about 40 ms, as the
+    scheduler gave it a core of its own or half of one), so a median flips between the two
+    modes, and timing one setting after the other would measure the drift as much as the threads."""
     import numba
 
     default = numba.config.NUMBA_NUM_THREADS
     rows = []
     for _ in range(repetitions):
         ctx = BusyCores(os.cpu_count() or 1, seconds=120.0) if busy else _Nothing()
+        times = {default: [], 1: []}
         with ctx:
+            for threads in (default, 1):  # warm both
+                numba.set_num_threads(threads)
+                fn()
+            for _ in range(calls):
+                for threads in (default, 1):
+                    numba.set_num_threads(threads)
+                    t0 = time.perf_counter()
+                    fn()
+                    times[threads].append(time.perf_counter() - t0)
             numba.set_num_threads(default)
-            fn()  # warm
-            t_default = _median_seconds(fn, calls)
-            numba.set_num_threads(1)
-            fn()
-            t_one = _median_seconds(fn, calls)
-            numba.set_num_threads(default)
+        t_default, t_one = statistics.fmean(times[default]), statistics.fmean(times[1])
         rows.append(dict(default_threads=default, default_s=t_default, one_s=t_one, ratio=t_default / t_one))
     return rows
 
@@ -153,7 +156,7 @@ def two_python_threads(fn, *, calls: int = 3) -> dict:
 
 def run(*, quick: bool = False, repetitions: Optional[int] = None, progress: Optional[Callable] = None) -> dict:
     reps = repetitions or (1 if quick else 3)
-    calls = 2 if quick else 5
+    calls = 2 if quick else 15
     result = {}
     items = list(workloads(quick).items())
     for name, fn in progress(items) if progress else items:

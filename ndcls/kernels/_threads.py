@@ -10,7 +10,11 @@ millisecond call take ten. Two rules keep the CPU kernels robust there:
 * larger work is claimed dynamically, one iteration of the ``prange`` at a time
   (``numba.parallel_chunksize(1)``): a thread that was parked takes fewer iterations instead
   of holding a fixed share that every other thread then waits for. The kernels loop over
-  many more iterations (planes, channel pairs, chunks) than there are threads.
+  many more iterations (planes, channel pairs, chunks) than there are threads;
+* and it uses only the cores that other processes leave idle at the time of the call (Linux:
+  the runnable tasks of ``/proc/loadavg`` less this process's own, from ``/proc/self/task``):
+  with every core busy elsewhere a parallel region would wait, at its end, for a thread the
+  scheduler parked, for as long as a time slice.
 
 Every kernel writes each output from one iteration in a fixed order, so results do not
 depend on the number of threads or on which thread ran what.
@@ -19,6 +23,8 @@ depend on the number of threads or on which thread ran what.
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 
 import numba
 
@@ -26,17 +32,47 @@ import numba
 SMALL_WORK = 1_000_000
 
 
+#: seconds for which a reading of :func:`busy_elsewhere` is reused (it costs tens of microseconds)
+BUSY_TTL = 0.005
+_last_busy = (-1.0, 0)
+
+
+def busy_elsewhere():
+    """Tasks of other processes running or runnable right now (Linux), or 0 where unknown."""
+    global _last_busy
+    now = time.monotonic()
+    if now - _last_busy[0] < BUSY_TTL:
+        return _last_busy[1]
+    _last_busy = (now, _busy_now())
+    return _last_busy[1]
+
+
+def _busy_now():
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/stat", "rb") as f:
+                own += f.read().rsplit(b") ", 1)[1][:1] == b"R"
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, running - own)
+
+
 @contextlib.contextmanager
 def threads_for(work: float):
-    """Run the kernel calls inside on one thread if ``work`` is small, else on all with
-    dynamic claiming of loop iterations."""
+    """Run the kernel calls inside on one thread if ``work`` is small, else on the threads
+    that idle cores allow (at least one), with dynamic claiming of loop iterations."""
     threads = numba.get_num_threads()
-    if threads == 1 or work < SMALL_WORK:
-        numba.set_num_threads(1)
-        try:
+    use = 1 if threads == 1 or work < SMALL_WORK else max(1, min(threads, (os.cpu_count() or 1) - busy_elsewhere()))
+    if use < threads:
+        numba.set_num_threads(use)
+    try:
+        if use == 1:
             yield 1
-        finally:
-            numba.set_num_threads(threads)
-        return
-    with numba.parallel_chunksize(1):
-        yield threads
+        else:
+            with numba.parallel_chunksize(1):
+                yield use
+    finally:
+        numba.set_num_threads(threads)
