@@ -32,8 +32,10 @@ import numba
 SMALL_WORK = 1_000_000
 
 
-#: seconds for which a reading of :func:`busy_elsewhere` is reused (it costs tens of microseconds)
-BUSY_TTL = 0.005
+#: seconds for which a reading of :func:`busy_elsewhere` is reused: a reading opens one file per
+#: thread of this process (about 17 us each: 1 ms for 60 threads), so it is taken at most ten
+#: times a second; background load (data loaders, other jobs) changes more slowly than that
+BUSY_TTL = 0.1
 _last_busy = (-1.0, 0)
 
 
@@ -51,7 +53,9 @@ def _busy_now():
     try:
         with open("/proc/loadavg", "rb") as f:
             running = int(f.read().split()[3].split(b"/")[0])
-        own = 0
+        if running <= 1:  # the caller alone
+            return 0
+        own = 0  # this process's running threads (the caller, workers still spinning after a region)
         for task in os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{task}/stat", "rb") as f:
                 own += f.read().rsplit(b") ", 1)[1][:1] == b"R"
