@@ -409,7 +409,8 @@ def _grad_elements(
 ):  # fmt: skip
     """Per channel pair: ``dL/dK`` at each tap (the correlation of the output gradient with the
     tap's input window over the batch, :func:`_tap_grads`) into ``grad_tap``, then each
-    element's chain rule. ``gy``: output gradient on the wide grid, ``x``: padded input."""
+    element's chain rule. ``gy``: output gradient on the wide grid, ``x``: padded input.
+    One task per chunk of output channels (``n_chunks`` at most the output channels)."""
     m, n_pairs, n_dense, count = positions.shape
     width = 1
     for j in range(m):
@@ -642,10 +643,10 @@ def _grad_input(spec, grid, taps, grad_output):
     wide = _strides(padded)
     extent = int(((grid.spatial - 1) * wide).sum()) + 1
     grad_input = np.empty(spec.input_shape, dtype=spec.dtype)
+    source = _embed("grad_padded", grad_output, padded, margin, grid.stride)
     _gather(
-        _embed("grad_padded", grad_output, padded, margin, grid.stride), _planes(grad_input), taps.pair_start, taps.cell, taps.value,
-        True, spec.group_in, spec.group_out, grid.pad + margin, -1, margin[0], margin[0] + grid.full[0], wide, extent,
-        grid.spatial, np.ones_like(grid.stride),
+        source, _planes(grad_input), taps.pair_start, taps.cell, taps.value, True, spec.group_in, spec.group_out,
+        grid.pad + margin, -1, margin[0], margin[0] + grid.full[0], wide, extent, grid.spatial, np.ones_like(grid.stride),
     )  # fmt: skip
     return grad_input
 
@@ -665,8 +666,8 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
         _grad_elements(
             taps.kind, taps.normalised, grid.wide_output(grad_output), grid.padded_input(input), taps.weight,
             taps.positions, taps.sigma, taps.sizes, taps.radius, taps.start, taps.cell, base, grid.wide, data_lo,
-            data_hi, grid.extent, spec.group_in, spec.group_out, grad_tap, grad_w, grad_p, grad_s, taps.n_chunks,
-            spec.dtype.type(0),
+            data_hi, grid.extent, spec.group_in, spec.group_out, grad_tap, grad_w, grad_p, grad_s,
+            _chunks(spec.out_channels), spec.dtype.type(0),
         )  # fmt: skip
     return (
         grad_input,
