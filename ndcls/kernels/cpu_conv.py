@@ -151,29 +151,37 @@ def _tap_run(cell, t, base, sign, wide, data_lo, data_hi):
 
 
 @njit(cache=True, inline="always")
+def _group(cell, t, group, base, sign, wide, data_lo, data_hi, f0, f1):
+    """Offsets (:func:`_tap_run`) of the ``group`` taps from ``t`` (unused ones 0), and the
+    union ``[lo, hi)`` within ``[f0, f1)`` of their rows with data (empty if ``lo >= hi``)."""
+    row = wide[0]
+    lo = f1
+    hi = f0
+    o0 = o1 = o2 = o3 = 0
+    for k in range(group):
+        off, first, last = _tap_run(cell, t + k, base, sign, wide, data_lo, data_hi)
+        if k == 0:
+            o0 = off
+        elif k == 1:
+            o1 = off
+        elif k == 2:
+            o2 = off
+        else:
+            o3 = off
+        if first < last and first * row < f1 and last * row > f0:
+            lo = min(lo, max(f0, first * row))
+            hi = max(hi, min(f1, last * row))
+    return o0, o1, o2, o3, lo, hi
+
+
+@njit(cache=True, inline="always")
 def _pair_taps(acc, acc_at, acc_step, src, src_at, src_step, n_batch, cell, value, t, end, base, sign, wide, data_lo, data_hi, f0, f1):
     """Add the taps ``[t, end)`` of one channel pair to the run ``[f0, f1)`` of the wide grid,
     for ``n_batch`` batch indices (accumulator and source planes ``acc_step``, ``src_step``
     apart), four taps per pass (then two, then one)."""
-    row = wide[0]
     while t < end:
         group = 4 if end - t >= 4 else (2 if end - t >= 2 else 1)
-        lo = f1
-        hi = f0
-        o0 = o1 = o2 = o3 = 0
-        for k in range(group):
-            off, first, last = _tap_run(cell, t + k, base, sign, wide, data_lo, data_hi)
-            if k == 0:
-                o0 = off
-            elif k == 1:
-                o1 = off
-            elif k == 2:
-                o2 = off
-            else:
-                o3 = off
-            if first * row < f1 and last * row > f0 and first < last:
-                lo = min(lo, max(f0, first * row))
-                hi = max(hi, min(f1, last * row))
+        o0, o1, o2, o3, lo, hi = _group(cell, t, group, base, sign, wide, data_lo, data_hi, f0, f1)
         if lo < hi:
             length = np.uint64(_lanes(hi - lo))
             for n in range(n_batch):
@@ -334,27 +342,11 @@ def _tap_grads(gy, x, o, ci, t, end, cell, base, sign, wide, data_lo, data_hi, e
     summed in the input dtype over runs of at most CHUNK cells and in float64 across runs.
     ``gy`` is zero outside the output cells and ``x`` outside the input: a run may be longer
     than its taps' rows (whole LANES)."""
-    row = wide[0]
     flat_gy = gy.reshape(-1)
     flat_x = x.reshape(-1)
     while t < end:
         group = 4 if end - t >= 4 else (2 if end - t >= 2 else 1)
-        lo = extent
-        hi = 0
-        o0 = o1 = o2 = o3 = 0
-        for k in range(group):
-            off, first, last = _tap_run(cell, t + k, base, sign, wide, data_lo, data_hi)
-            if k == 0:
-                o0 = off
-            elif k == 1:
-                o1 = off
-            elif k == 2:
-                o2 = off
-            else:
-                o3 = off
-            if first < last:
-                lo = min(lo, first * row)
-                hi = max(hi, min(extent, last * row))
+        o0, o1, o2, o3, lo, hi = _group(cell, t, group, base, sign, wide, data_lo, data_hi, 0, extent)
         s0 = 0.0
         s1 = 0.0
         s2 = 0.0
