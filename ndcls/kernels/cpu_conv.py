@@ -109,7 +109,8 @@ def _fill_taps(kind, normalised, weight, positions, sigma, sizes, learned_axes, 
 CHUNK = 4096
 #: every run is a whole number of LANES cells (one AVX-512 register of float32): no scalar
 #: remainder loops. The planes a run reads and the accumulators carry LANES cells of zero
-#: slack, and a run's extra cells read zero padding or land on cells that are never copied out.
+#: slack; a run's extra cells read zero padding or slack (adding 0), or land on cells that are
+#: never copied out (the dropped cells of the wide rows, the accumulator's slack).
 LANES = 16
 
 
