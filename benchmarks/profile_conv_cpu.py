@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     import numba
 
     import ndcls
-    from ndcls.bench.conv import CASES
+    from ndcls.bench.conv import CASES, case_arrays
     from ndcls.kernels import cpu_conv
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,15 +52,9 @@ def main(argv=None) -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for case in CASES:
-        n = case.ndim
-        interp = "bilinear" if case.version == "v0" else "gauss"
-        cin, cout, g = case.in_channels, case.out_channels, case.groups
-        x = rng.standard_normal(case.input_shape, dtype=np.float32)
-        w = rng.standard_normal((cout, cin // g, case.count), dtype=np.float32)
-        p = rng.uniform(0, case.dilated - 1, size=(n, cout, cin // g, case.count)).astype(np.float32)
-        s = None if interp == "bilinear" else np.full(p.shape, 0.5, dtype=np.float32)
-        kw = dict(sigma=s, interpolation=interp, padding=case.padding, groups=g, backend="numba")
-        sizes = (case.dilated,) * n
+        x, w, p, s, sizes, kw = case_arrays(case, rng)
+        kw.update(sigma=s, backend="numba")
+        interp = kw["interpolation"]
         y = ndcls.conv(x, w, p, sizes, **kw)
         gy = rng.standard_normal(y.shape, dtype=np.float32)
         ndcls.conv_grad(gy, x, w, p, sizes, **kw)  # compile and warm

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
 
     import ndcls
     from ndcls._api import _prepare_conv
-    from ndcls.bench.conv import GPU_CASES
+    from ndcls.bench.conv import GPU_CASES, case_arrays
     from ndcls.kernels import cupy_conv as cc
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,15 +34,11 @@ def main(argv=None) -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for case in GPU_CASES:
-        n = case.ndim
-        interp = "bilinear" if case.version == "v0" else "gauss"
-        cin, cout, g = case.in_channels, case.out_channels, case.groups
-        x = cupy.asarray(rng.standard_normal(case.input_shape, dtype=np.float32))
-        w = cupy.asarray(rng.standard_normal((cout, cin // g, case.count), dtype=np.float32))
-        p = cupy.asarray(rng.uniform(0, case.dilated - 1, size=(n, cout, cin // g, case.count)).astype(np.float32))
-        s = None if interp == "bilinear" else cupy.full(p.shape, 0.5, dtype=np.float32)
-        kw = dict(sigma=s, interpolation=interp, padding=case.padding, groups=g, backend="cupy")
-        sizes = (case.dilated,) * n
+        x, w, p, s, sizes, kw = case_arrays(case, rng)
+        x, w, p = cupy.asarray(x), cupy.asarray(w), cupy.asarray(p)
+        s = None if s is None else cupy.asarray(s)
+        kw.update(sigma=s, backend="cupy")
+        interp = kw["interpolation"]
         y = ndcls.conv(x, w, p, sizes, **kw)
         gy = cupy.asarray(rng.standard_normal(y.shape, dtype=np.float32))
         call = _prepare_conv("conv", x, w, p, s, None, sizes, dict({k: v for k, v in kw.items() if k != "sigma"}, learned_dims=None, stride=1))

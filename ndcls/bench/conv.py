@@ -72,6 +72,21 @@ GPU_CASES = (
 TINY_CASE = ConvCase("tiny 4->4 c2 9", 1, 4, 4, 1, 2, 9, 4, (1, 4, 32), "v0")
 
 
+def case_arrays(case: ConvCase, rng):
+    """NumPy float32 arrays of one case for the array API (the profile scripts): input, weight,
+    positions uniform over the kernel, sigma (0.5, gauss) or None, the kernel sizes, and the
+    keywords of ``ndcls.conv`` other than ``backend``."""
+    import numpy as np
+
+    n, interp = case.ndim, "bilinear" if case.version == "v0" else "gauss"
+    cin, cout, g = case.in_channels, case.out_channels, case.groups
+    x = rng.standard_normal(case.input_shape, dtype=np.float32)
+    w = rng.standard_normal((cout, cin // g, case.count), dtype=np.float32)
+    p = rng.uniform(0, case.dilated - 1, size=(n, cout, cin // g, case.count)).astype(np.float32)
+    s = None if interp == "bilinear" else np.full(p.shape, 0.5, dtype=np.float32)
+    return x, w, p, s, (case.dilated,) * n, dict(interpolation=interp, padding=case.padding, groups=g)
+
+
 def _ndcls_layer(case: ConvCase, method: str):
     from ndcls.torch_bridge import Dcls1d, Dcls2d, Dcls3d
 

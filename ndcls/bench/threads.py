@@ -93,9 +93,9 @@ def threads_vs_one(fn, *, repetitions: int = 3, calls: int = 15, busy: bool = Fa
 
     The two settings alternate call by call (default, one, default, ...), and the statistic is
     the mean (the total time of the work): on cores shared with other processes, the share this
-    process gets changes from call to call (a call took either about 20 or about 40 ms, as the
-    scheduler gave it a core of its own or half of one), so a median flips between the two
-    modes, and timing one setting after the other would measure the drift as much as the threads."""
+    process gets changes from call to call (the same call may take twice as long as the one
+    before, as the scheduler gives it a core of its own or half of one), so a median flips
+    between the two modes, and timing one setting after the other would measure the drift as much as the threads."""
     import numba
 
     default = numba.config.NUMBA_NUM_THREADS

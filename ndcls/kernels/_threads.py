@@ -33,8 +33,8 @@ SMALL_WORK = 1_000_000
 
 
 #: seconds for which a reading of :func:`busy_elsewhere` is reused: a reading opens one file per
-#: thread of this process (about 17 us each: 1 ms for 60 threads), so it is taken at most ten
-#: times a second; background load (data loaders, other jobs) changes more slowly than that
+#: thread of this process, so it is taken at most ten times a second; background load (data
+#: loaders, other jobs) changes more slowly than that
 BUSY_TTL = 0.1
 _last_busy = (-1.0, 0)
 

@@ -385,8 +385,9 @@ def _tap_grads(gy, x, o, ci, t, end, cell, base, sign, wide, data_lo, data_hi, e
         t += group
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _c_strides(shape):
+    """C-order strides (in cells) of an int64 ``shape``; kernels and host code alike."""
     out = np.empty(shape.shape[0], np.int64)
     step = 1
     for a in range(shape.shape[0] - 1, -1, -1):
@@ -475,7 +476,8 @@ class _Scratch(threading.local):
 
     A fresh allocation of a few MiB comes from the OS page by page, and the page faults cost
     as much as the arithmetic: after other large allocations in the process, they were half
-    of the time of the ConvNeXt layer's direct forward + backward (15 ms against 8 ms). A
+    of the time of the ConvNeXt layer's direct forward + backward (18.6 ms against about 9 ms
+    in runs of ``ndcls bench --sections conv``). A
     buffer of up to SCRATCH_KEEP bytes is therefore kept, one per role and dtype, and reused
     by the next call on the same thread that needs no more. Nothing handed to the caller is
     scratch, and the roles used within one call are distinct.
@@ -559,7 +561,7 @@ class _Grid:
         self.out = np.array(spec.out_spatial, dtype=np.int64)
         self.padded = self.spatial + np.array([lo + hi for lo, hi in spec.padding], dtype=np.int64)
         self.full = self.padded - self.sizes + 1  # the output at stride 1
-        self.wide = _strides(self.padded)
+        self.wide = _c_strides(self.padded)
         #: the wide grid the forward accumulates on: up to the last output cell
         self.extent = int(((self.out - 1) * self.stride * self.wide).sum()) + 1
 
@@ -577,13 +579,6 @@ class _Grid:
     def forward_taps(self):
         """``(base, sign, data_lo, data_hi)`` of :func:`_tap_run` for the forward and ``dL/dK``."""
         return np.zeros_like(self.pad), 1, self.pad[0], self.pad[0] + self.spatial[0]
-
-
-def _strides(shape):
-    out = np.ones(len(shape), dtype=np.int64)
-    for a in range(len(shape) - 2, -1, -1):
-        out[a] = out[a + 1] * shape[a + 1]
-    return out
 
 
 def _embed(role, a, shape, front, step):
@@ -633,7 +628,7 @@ def _grad_input(spec, grid, taps, grad_output):
     tap ``t`` reads it at ``(pad + margin - cell_t) . wide``."""
     margin = grid.sizes - 1
     padded = grid.full + 2 * margin
-    wide = _strides(padded)
+    wide = _c_strides(padded)
     extent = int(((grid.spatial - 1) * wide).sum()) + 1
     grad_input = np.empty(spec.input_shape, dtype=spec.dtype)
     source = _embed("grad_padded", grad_output, padded, margin, grid.stride)
