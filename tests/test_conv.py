@@ -405,6 +405,82 @@ def test_results_do_not_depend_on_threads(backend):
             np.testing.assert_array_equal(a, b)
 
 
+def _taps_call(w, p, s):
+    """conv and conv_grad of one small gauss layer on the numba backend, with the given element arrays."""
+    x = np.random.default_rng(3).standard_normal((2, 4, 30))
+    kw = dict(sigma=s, interpolation="gauss", padding=4, backend="numba")
+    out = ndcls.conv(x, w, p, (9,), **kw)
+    return (out, *ndcls.conv_grad(np.cos(out), x, w, p, (9,), **kw))
+
+
+def _assert_bitwise(a, b):
+    for u, v in zip(a, b):
+        assert (u is None) == (v is None)
+        if u is not None:
+            np.testing.assert_array_equal(u.view(np.uint64), v.view(np.uint64))
+
+
+def test_taps_memo_reuses_only_bitwise_equal_elements():
+    """The CPU backend keeps the taps of recent calls (cpu_conv._TapsMemo): conv_grad after conv
+    reuses them, and a call whose weight, positions or sigma differ in any bit (an in-place
+    update of the same array, a -0.0 for a 0.0) builds its own: every result is bitwise what a
+    call with no memo gives."""
+    from ndcls.kernels import cpu_conv
+
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((4, 4, 3))
+    w[0, 0, 0] = 0.0
+    p = rng.uniform(0, 8, size=(1, 4, 4, 3))
+    s = rng.uniform(0.3, 2.0, size=(1, 4, 4, 3))
+
+    def fresh(*arrays):
+        cpu_conv._MEMO.clear()
+        return _taps_call(*arrays)
+
+    cpu_conv._MEMO.clear()
+    first = _taps_call(w, p, s)
+    assert len(cpu_conv._MEMO.entries) == 1  # conv built the taps, conv_grad found them
+    _assert_bitwise(first, fresh(w, p, s))
+    for change in (
+        lambda: w.__setitem__((0, 0, 0), -0.0),  # -0.0 == 0.0, but not bitwise
+        lambda: p.__setitem__((0, 1, 2, 0), p[0, 1, 2, 0] + 0.5),  # in place: same array object
+        lambda: s.__setitem__((0, 3, 3, 2), s[0, 3, 3, 2] * 2.0),
+    ):
+        change()
+        got = _taps_call(w, p, s)
+        _assert_bitwise(got, fresh(w, p, s))
+    other = s[..., ::-1].copy()  # another sigma of the same shape
+    _assert_bitwise(_taps_call(w, p, other), fresh(w, p, other))
+
+
+def test_taps_memo_is_bounded_and_per_thread(monkeypatch):
+    """At most MEMO_ENTRIES entries and MEMO_BYTES bytes; another thread has its own memo."""
+    import threading
+
+    from ndcls.kernels import cpu_conv
+
+    rng = np.random.default_rng(9)
+    cpu_conv._MEMO.clear()
+    w, p, s = rng.standard_normal((4, 4, 3)), rng.uniform(0, 8, size=(1, 4, 4, 3)), np.full((1, 4, 4, 3), 0.7)
+    for step in range(cpu_conv.MEMO_ENTRIES + 3):
+        _taps_call(w + step, p, s)
+    assert len(cpu_conv._MEMO.entries) == cpu_conv.MEMO_ENTRIES
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(len(cpu_conv._MEMO.entries)))
+    thread.start()
+    thread.join()
+    assert seen == [0]
+    one = cpu_conv._MEMO.entries[0][5].nbytes
+    monkeypatch.setattr(cpu_conv, "MEMO_BYTES", 2 * one)
+    _taps_call(w - 1, p, s)
+    assert len(cpu_conv._MEMO.entries) == 2
+    monkeypatch.setattr(cpu_conv, "MEMO_BYTES", one - 1)  # an entry too large is not kept
+    cpu_conv._MEMO.clear()
+    _taps_call(w, p, s)
+    assert cpu_conv._MEMO.entries == []
+    cpu_conv._MEMO.clear()
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_elements_whose_profile_underflows_contribute_nothing(backend, monkeypatch):
     """Elements whose every cell value is 0 (a triangle exactly one width outside the kernel or
@@ -413,7 +489,7 @@ def test_elements_whose_profile_underflows_contribute_nothing(backend, monkeypat
     a NaN value)."""
     from ndcls.kernels import cpu_conv
 
-    monkeypatch.setattr(cpu_conv, "_uninitialised", lambda shape, dtype: np.full(shape, 1 if dtype == np.int64 else np.nan, dtype))
+    monkeypatch.setattr(cpu_conv, "_uninitialised", lambda buffers, role, shape, dtype: np.full(shape, 1 if dtype == np.int64 else np.nan, dtype))
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 3, 12))
     for interpolation, p_row, s_row in (
@@ -425,6 +501,7 @@ def test_elements_whose_profile_underflows_contribute_nothing(backend, monkeypat
         s = np.broadcast_to(np.array(s_row), (1, 3, 1, 4)).copy()
         kw = dict(sigma=s, interpolation=interpolation, groups=3, padding=2)
         for _ in range(3):  # fresh scratch each call: garbage would differ between calls
+            cpu_conv._MEMO.clear()  # (else the taps of the first call are reused)
             got = ndcls.conv(x, w, p, (5,), backend=backend, **kw)
             assert_close(got, ndcls.conv(x, w, p, (5,), backend="numpy", **kw), what=f"{interpolation} output")
         g = rng.standard_normal(got.shape)

@@ -128,10 +128,18 @@ def work(case: ConvCase, device: str = "cpu") -> dict:
 
 
 def _step(module, x, record: Optional[list] = None, sync: Callable[[], None] = lambda: None):
-    """One forward + backward; appends the forward's seconds to ``record`` (``sync`` waits for the device)."""
+    """One training step: forward, backward and a small SGD step, so that every call sees new
+    parameters (as in training: no route may reuse what an earlier call built from the same
+    parameters); appends the forward's seconds to ``record`` (``sync`` waits for the device)."""
     import time
 
+    import torch
+
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-6) if any(True for _ in module.parameters()) else None
+
     def run():
+        if optimizer is not None and any(p.grad is not None for p in module.parameters()):
+            optimizer.step()
         module.zero_grad(set_to_none=True)
         x.grad = None
         t0 = time.perf_counter()

@@ -65,13 +65,18 @@ def cut_support(kind, p, s, size, radius):
         if kind == GAUSS:
             # The element's peak inside the kernel is at the cell nearest p, `gap` from p (at most
             # 1/2 when p is inside); a cell is cut once its value is below unit roundoff times
-            # that peak: (i - p)**2 > (radius * s)**2 + gap**2. hypot neither underflows (tiny
-            # widths) nor overflows. Past 40 widths every value is 0 in float64.
+            # that peak: (i - p)**2 > (radius * s)**2 + gap**2. Past 40 widths every value is 0
+            # in float64. (sqrt, not hypot, which costs as much as 5 exp. A sum of squares that
+            # overflows gives reach inf, the whole axis, as the clamps below would anyway; where
+            # it underflows, r + gap, at most sqrt(2) times the true reach, keeps the cells an
+            # element near 0 reaches.)
             nearest = math.floor(min(max(p, 0.0), size - 1.0) + 0.5)
             gap = abs(p - nearest)
             if gap > 40.0 * s:
                 return 0, 0
-            reach = math.hypot(radius * s, gap)
+            r = radius * s
+            squares = r * r + gap * gap
+            reach = math.sqrt(squares) if squares > 1e-300 else r + gap
         first = float(math.ceil(min(max(p - reach, -2.0), size + 1.0)))
         last = float(math.floor(min(max(p + reach, -2.0), size + 1.0)))
     first = min(max(first, 0.0), float(size))
@@ -97,23 +102,36 @@ def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
     written times ``s`` (``a * u`` and ``a * u**2``, bounded by 1 whatever ``s``): see
     :func:`derivative_scale`.
     """
+    # Gauss: the reciprocal width, so that multiplications replace a dozen divisions per row;
+    # 0 (divide instead) for a width so small that 1 / s is not finite
+    inv_s = 1.0 / s if kind == GAUSS and s > 1e-300 else 0.0
     if kind == GAUSS:
-        # a[i] = exp(-((i - p) / s)**2 / 2) with 4 calls of exp: consecutive cells differ by a
+        # a[i] = exp(-((i - p) / s)**2 / 2) with 3 calls of exp: consecutive cells differ by a
         # factor that itself changes by q = exp(-1 / s**2) per cell, so the profile is built
         # outward from the cell nearest p by multiplication. Every factor is <= 1: nothing
         # overflows, and values that underflow stay 0 (the true ones further out are smaller).
-        q = math.exp(-(1.0 / s) / s)  # divided twice: s * s may underflow to 0
+        # 1 / s**2 may overflow to inf: q = 0, as it should. (1 / s) / s: s * s may underflow
+        q = math.exp(-inv_s * inv_s) if inv_s > 0.0 else math.exp(-(1.0 / s) / s)
         c = int(math.floor(min(max(p + 0.5, float(lo)), hi - 1.0)))
         d = float(c) - p
-        u = d / s
+        u = d * inv_s if inv_s > 0.0 else d / s
         a[c] = math.exp(-0.5 * u * u)
-        if c + 1 < hi:  # c = floor(max(p + 0.5, lo)) > p - 0.5, so d + 0.5 > 0: exponent <= 0
-            ratio = math.exp(-((d + 0.5) / s) / s)  # a[c + 1] / a[c]
-            for i in range(c + 1, hi):
-                a[i] = a[i - 1] * ratio
-                ratio *= q
+        # a[c + 1] / a[c]. Where c + 1 < hi, c = floor(max(p + 0.5, lo)) > p - 0.5, so d + 0.5 > 0
+        # and the exponent is <= 0; else (c = hi - 1 < p - 0.5) it is unused and may be > 1
+        right = math.exp(-((d + 0.5) * inv_s) * inv_s) if inv_s > 0.0 else math.exp(-((d + 0.5) / s) / s)
+        ratio = right
+        for i in range(c + 1, hi):
+            a[i] = a[i - 1] * ratio
+            ratio *= q
         if c > lo:  # c = floor(min(p + 0.5, hi - 1)) <= p + 0.5, so d - 0.5 <= 0
-            ratio = math.exp(((d - 0.5) / s) / s)  # a[c - 1] / a[c]
+            # a[c - 1] / a[c] = exp((d - 0.5) / s**2) = q / right, unless either is near underflow
+            # or right is not the ratio above (> 1)
+            if q > 1e-290 and 1e-290 < right <= 1.0:
+                ratio = q / right
+            elif inv_s > 0.0:
+                ratio = math.exp(((d - 0.5) * inv_s) * inv_s)
+            else:
+                ratio = math.exp(((d - 0.5) / s) / s)
             for i in range(c - 1, lo - 1, -1):
                 a[i] = a[i + 1] * ratio
                 ratio *= q
@@ -146,7 +164,7 @@ def fill_profile(kind, p, s, lo, hi, a, da_dp, da_ds, with_grad):
         else:
             value = a[i]
             if with_grad and value > 0.0:
-                u = (x - p) / s
+                u = (x - p) * inv_s if inv_s > 0.0 else (x - p) / s
                 d_p = value * u  # s * da/dp
                 d_s = d_p * u  # s * da/ds
         a[i] = value
@@ -189,28 +207,42 @@ def normalise_profile(kind, p, s, lo, hi, a, da_dp, da_ds, total, total_dp, tota
     ``da - n * sum(da) = a * ((l - l_m) - sum_k n_k (l_k - l_m))`` and ``l_k - l_m`` is
     ``(k - m) / s`` or ``(k - m) / s * (u_k + u_m)``, both computed without cancellation.
     """
+    # multiplications by reciprocals rather than divisions (a dozen per element and row):
+    # 1 / total only where it is finite (else the division), the width clamped as in fill_profile
+    inv_total = 1.0 / total if total > 1e-300 else 0.0
     if kind == GAUSS and with_grad:
+        inv_s = 1.0 / s if s > 1e-300 else 0.0
         m = float(math.floor(min(max(p + 0.5, float(lo)), hi - 1.0)))
-        u_m = (m - p) / s
+        u_m = (m - p) * inv_s if inv_s > 0.0 else (m - p) / s
         corr_p = 0.0
         corr_s = 0.0
         for i in range(lo, hi):
             if a[i] > 0.0:  # a = 0 (underflow) also guards against (i - m) / s = inf
-                dl = (float(i) - m) / s
+                if inv_s > 0.0:
+                    dl = (float(i) - m) * inv_s
+                    ul = (float(i) - p) * inv_s
+                else:
+                    dl = (float(i) - m) / s
+                    ul = (float(i) - p) / s
                 corr_p += a[i] * dl
-                corr_s += a[i] * (dl * ((float(i) - p) / s + u_m))
+                corr_s += a[i] * (dl * (ul + u_m))
         corr_p /= total
         corr_s /= total
         for i in range(lo, hi):
             value = a[i]
             if value > 0.0:
-                dl = (float(i) - m) / s
+                if inv_s > 0.0:
+                    dl = (float(i) - m) * inv_s
+                    ul = (float(i) - p) * inv_s
+                else:
+                    dl = (float(i) - m) / s
+                    ul = (float(i) - p) / s
                 da_dp[i] = value * (dl - corr_p)
-                da_ds[i] = value * (dl * ((float(i) - p) / s + u_m) - corr_s)
-            a[i] = value / total
+                da_ds[i] = value * (dl * (ul + u_m) - corr_s)
+            a[i] = value * inv_total if inv_total > 0.0 else value / total
         return
     for i in range(lo, hi):
-        n = a[i] / total
+        n = a[i] * inv_total if inv_total > 0.0 else a[i] / total
         a[i] = n
         if with_grad:
             da_dp[i] -= n * total_dp

@@ -4,7 +4,7 @@ One generic pair of kernels serves every N, M and interpolation. A bilinear elem
 (forward) or gathers (backward) its ``2**M`` corners directly. A triangle or Gaussian element
 gets a 1-D profile per learned axis over its support (the cells within ``sigma`` for triangle,
 the cells within the cut radius for gauss (``ndcls.gauss_cut``: beyond it every value is
-below the rounding of the element's peak), built with 4 calls of ``exp`` by recurrence), and is
+below the rounding of the element's peak), built with 3 calls of ``exp`` by recurrence), and is
 scattered or gathered over the product of those supports. No dense intermediate: the forward
 pass zeroes each batch block of ``K`` and adds into it while it is in cache; the backward writes
 each element's gradients once (no races, deterministic). Small calls run a serial kernel, large
@@ -179,9 +179,10 @@ def _element_grad(kind, normalised, g, base, strides, w, total, sigma, b, d, c, 
     m = lo.shape[0]
     last = m - 1
     t = 0.0
-    u[:] = 0.0  # sum of G * (centred da/dp_j) * prod of the other rows
-    v[:] = 0.0  # the same with da/ds_j
-    idx[:] = lo
+    for j in range(m):  # (loops, not slice assignments: callable without NRT)
+        u[j] = 0.0  # sum of G * (centred da/dp_j) * prod of the other rows
+        v[j] = 0.0  # the same with da/ds_j
+        idx[j] = lo[j]
     step = strides[last]
     while True:
         offset = base

@@ -61,48 +61,59 @@ def _count_taps(kind, positions, sigma, sizes, radius, counts, n_chunks):
                     counts[b, d, c] = n
 
 
-@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True)
 def _fill_taps(kind, normalised, weight, positions, sigma, sizes, learned_axes, dense_axes, dense_cells, radius, start, tap_cell, tap_val, n_chunks):
     """Cells (``tap_cell[t]``: one index per kernel axis) and values of every element's taps,
     element ``e = (b * n_dense + d) * count + c`` at ``[start[e], start[e + 1])``, its support
     box in C order (row 0 of ``positions`` slowest)."""
-    m, n_batch, n_dense, count = positions.shape
+    m = positions.shape[0]
+    n_batch = positions.shape[1]
     width = 1
     for j in range(m):
         width = max(width, sizes[j])
     for chunk in prange(n_chunks):  # scratch per chunk of channel pairs, not per pair
-        a = np.empty((m, width))
-        sums = np.empty((3, m))
-        lo = np.empty(m, np.int64)
-        hi = np.empty(m, np.int64)
-        idx = np.empty(m, np.int64)
-        for b in range(chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks):
-            for d in range(n_dense):
-                for c in range(count):
-                    e = (b * n_dense + d) * count + c
-                    t = start[e]
-                    if start[e + 1] == t:
-                        continue
-                    status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False, radius)
-                    if status != _OK:  # a row whose values all underflow to 0: no contribution
-                        for q in range(t, start[e + 1]):  # cell 0 lies in every kernel, value 0
-                            tap_val[q] = 0.0
-                            for a_axis in range(tap_cell.shape[1]):
-                                tap_cell[q, a_axis] = 0
-                        continue
-                    scale = weight[b, d, c] * _element_scale(normalised, z)
-                    idx[:] = lo
-                    while True:
-                        value = scale
-                        for j in range(m):
-                            value *= a[j, idx[j]]
-                            tap_cell[t, learned_axes[j]] = idx[j]
-                        for q in range(dense_axes.shape[0]):
-                            tap_cell[t, dense_axes[q]] = dense_cells[d, q]
-                        tap_val[t] = value
-                        t += 1
-                        if not _advance(idx, lo, hi, m):
-                            break
+        _fill_taps_chunk(
+            kind, normalised, weight, positions, sigma, sizes, learned_axes, dense_axes, dense_cells, radius, start,
+            tap_cell, tap_val, chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks,
+            np.empty((m, width)), np.empty((3, m)), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64),
+        )  # fmt: skip
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
+def _fill_taps_chunk(
+    kind, normalised, weight, positions, sigma, sizes, learned_axes, dense_axes, dense_cells, radius, start, tap_cell,
+    tap_val, b0, b1, a, sums, lo, hi, idx,
+):  # fmt: skip
+    """:func:`_fill_taps` for the channel pairs ``[b0, b1)``, with scratch ``a``, ``sums``, ``lo``, ``hi``, ``idx``."""
+    m, _, n_dense, count = positions.shape
+    for b in range(b0, b1):
+        for d in range(n_dense):
+            for c in range(count):
+                e = (b * n_dense + d) * count + c
+                t = start[e]
+                if start[e + 1] == t:
+                    continue
+                status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False, radius)
+                if status != _OK:  # a row whose values all underflow to 0: no contribution
+                    for q in range(t, start[e + 1]):  # cell 0 lies in every kernel, value 0
+                        tap_val[q] = 0.0
+                        for a_axis in range(tap_cell.shape[1]):
+                            tap_cell[q, a_axis] = 0
+                    continue
+                scale = weight[b, d, c] * _element_scale(normalised, z)
+                for j in range(m):
+                    idx[j] = lo[j]
+                while True:
+                    value = scale
+                    for j in range(m):
+                        value *= a[j, idx[j]]
+                        tap_cell[t, learned_axes[j]] = idx[j]
+                    for q in range(dense_axes.shape[0]):
+                        tap_cell[t, dense_axes[q]] = dense_cells[d, q]
+                    tap_val[t] = value
+                    t += 1
+                    if not _advance(idx, lo, hi, m):
+                        break
 
 
 #: widest run of the flattened output a task accumulates at once (floats; a few KiB, in L1)
@@ -248,8 +259,14 @@ def _gather(
         width = f1 - f0 + LANES
         acc = np.zeros((c1 - c0, n1 - n0, width), dtype=dst.dtype)  # [channel, batch, cell]
         flat_acc = acc.reshape(-1)
-        for j in range(n_src):  # source j of every channel of the block, while it is in cache
-            for c in range(c0, c1):
+        for q in range((c1 - c0) * n_src):  # the pairs in memory order (their taps are read in sequence)
+            if transposed:
+                c = c0 + q % (c1 - c0)
+                j = q // (c1 - c0)
+            else:
+                c = c0 + q // n_src
+                j = q % n_src
+            if True:
                 if transposed:
                     channel = (c // group_in) * group_out + j
                     pair = channel * group_in + c % group_in
@@ -336,15 +353,13 @@ def _dot1(gy, at, x, o0, n, zero):
     return a0
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _tap_grads(gy, x, o, ci, t, end, cell, base, sign, wide, data_lo, data_hi, extent, grad_tap, zero):
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
+def _tap_grads(gy, x, flat_gy, flat_x, o, ci, t, end, cell, base, sign, wide, data_lo, data_hi, extent, grad_tap, zero):
     """``grad_tap[t:end] = sum_n sum_f gy[n, o, f] * x[n, ci, f + off_t]`` for the taps of one
     channel pair (four per pass, then two, then one; offsets and rows from :func:`_tap_run`),
     summed in the input dtype over runs of at most CHUNK cells and in float64 across runs.
     ``gy`` is zero outside the output cells and ``x`` outside the input: a run may be longer
     than its taps' rows (whole LANES)."""
-    flat_gy = gy.reshape(-1)
-    flat_x = x.reshape(-1)
     while t < end:
         group = 4 if end - t >= 4 else (2 if end - t >= 2 else 1)
         o0, o1, o2, o3, lo, hi = _group(cell, t, group, base, sign, wide, data_lo, data_hi, 0, extent)
@@ -396,7 +411,7 @@ def _c_strides(shape):
     return out
 
 
-@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True)
 def _grad_elements(
     kind, normalised, gy, x, weight, positions, sigma, sizes, radius, start, cell, origin, wide, data_lo, data_hi,
     extent, group_in, group_out, grad_tap, grad_w, grad_p, grad_s, n_chunks, zero,
@@ -405,58 +420,65 @@ def _grad_elements(
     tap's input window over the batch, :func:`_tap_grads`) into ``grad_tap``, then each
     element's chain rule. ``gy``: output gradient on the wide grid, ``x``: padded input.
     One task per chunk of output channels (``n_chunks`` at most the output channels)."""
-    m, n_pairs, n_dense, count = positions.shape
+    m = positions.shape[0]
+    n_out = positions.shape[1] // group_in
     width = 1
     for j in range(m):
         width = max(width, sizes[j])
     for chunk in prange(n_chunks):  # scratch per chunk of output channels, not per pair
-        a_ = np.empty((m, width))
-        da_dp = np.empty((m, width))
-        da_ds = np.empty((m, width))
-        sums = np.empty((3, m))
-        lo = np.empty(m, np.int64)
-        hi = np.empty(m, np.int64)
-        box = np.empty(m, np.int64)
-        at = np.empty(m, np.int64)
-        u = np.empty(m)
-        v = np.empty(m)
-        # a chunk of output channels, input channel slowest: each input plane is read while it
-        # is in cache for every output channel of the chunk
-        o0 = chunk * (n_pairs // group_in) // n_chunks
-        o1 = (chunk + 1) * (n_pairs // group_in) // n_chunks
-        for p in range((o1 - o0) * group_in):
-            o = o0 + p % (o1 - o0)
-            j = p // (o1 - o0)
-            pair = o * group_in + j
-            ci = (o // group_out) * group_in + j
-            first = start[pair * n_dense * count]
-            end = start[(pair + 1) * n_dense * count]
-            _tap_grads(gy, x, o, ci, first, end, cell, origin, 1, wide, data_lo, data_hi, extent, grad_tap, zero)
-            # the chain rule of every element of this pair, from dL/dK at its taps
-            for d in range(n_dense):
-                for c in range(count):
-                    e = (pair * n_dense + d) * count + c
-                    status, z = _profiles(kind, normalised, positions, sigma, pair, d, c, sizes, a_, da_dp, da_ds, sums, lo, hi, True, radius)
-                    if status != _OK:
-                        fill = np.nan if status == _INVALID else 0.0
-                        grad_w[pair, d, c] = fill
-                        for j in range(m):
-                            grad_p[j, pair, d, c] = fill
-                            grad_s[j, pair, d, c] = fill
-                        continue
-                    base = start[e]
-                    stride_j = 1
-                    for j in range(m - 1, -1, -1):  # the element's taps: its support box in C order
-                        box[j] = stride_j
-                        base -= lo[j] * stride_j
-                        stride_j *= hi[j] - lo[j]
-                    grad_w[pair, d, c] = _element_grad(
-                        kind, normalised, grad_tap, base, box, weight[pair, d, c], z, sigma, pair, d, c,
-                        lo, hi, a_, da_dp, da_ds, sums, at, u, v,
-                    )
+        _grad_chunk(
+            kind, normalised, gy, x, weight, positions, sigma, sizes, radius, start, cell, origin, wide, data_lo,
+            data_hi, extent, group_in, group_out, grad_tap, grad_w, grad_p, grad_s, zero,
+            chunk * n_out // n_chunks, (chunk + 1) * n_out // n_chunks,
+            np.empty((m, width)), np.empty((m, width)), np.empty((m, width)), np.empty((3, m)),
+            np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m), np.empty(m),
+        )  # fmt: skip
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
+def _grad_chunk(
+    kind, normalised, gy, x, weight, positions, sigma, sizes, radius, start, cell, origin, wide, data_lo, data_hi,
+    extent, group_in, group_out, grad_tap, grad_w, grad_p, grad_s, zero, o0, o1, a_, da_dp, da_ds, sums, lo, hi,
+    box, at, u, v,
+):  # fmt: skip
+    """:func:`_grad_elements` for the output channels ``[o0, o1)``, with scratch from ``a_`` on."""
+    m, _, n_dense, count = positions.shape
+    flat_gy = gy.reshape(-1)  # (once per chunk: a reshape calls into Numba's runtime)
+    flat_x = x.reshape(-1)
+    # the pairs in memory order: their taps, and the gradients they write, are read in sequence
+    for p in range((o1 - o0) * group_in):
+        o = o0 + p // group_in
+        j = p % group_in
+        pair = o * group_in + j
+        ci = (o // group_out) * group_in + j
+        first = start[pair * n_dense * count]
+        end = start[(pair + 1) * n_dense * count]
+        _tap_grads(gy, x, flat_gy, flat_x, o, ci, first, end, cell, origin, 1, wide, data_lo, data_hi, extent, grad_tap, zero)
+        # the chain rule of every element of this pair, from dL/dK at its taps
+        for d in range(n_dense):
+            for c in range(count):
+                e = (pair * n_dense + d) * count + c
+                status, z = _profiles(kind, normalised, positions, sigma, pair, d, c, sizes, a_, da_dp, da_ds, sums, lo, hi, True, radius)
+                if status != _OK:
+                    fill = np.nan if status == _INVALID else 0.0
+                    grad_w[pair, d, c] = fill
                     for j in range(m):
-                        grad_p[j, pair, d, c] = u[j]
-                        grad_s[j, pair, d, c] = v[j]
+                        grad_p[j, pair, d, c] = fill
+                        grad_s[j, pair, d, c] = fill
+                    continue
+                base = start[e]
+                stride_j = 1
+                for j in range(m - 1, -1, -1):  # the element's taps: its support box in C order
+                    box[j] = stride_j
+                    base -= lo[j] * stride_j
+                    stride_j *= hi[j] - lo[j]
+                grad_w[pair, d, c] = _element_grad(
+                    kind, normalised, grad_tap, base, box, weight[pair, d, c], z, sigma, pair, d, c,
+                    lo, hi, a_, da_dp, da_ds, sums, at, u, v,
+                )
+                for j in range(m):
+                    grad_p[j, pair, d, c] = u[j]
+                    grad_s[j, pair, d, c] = v[j]
 
 
 # -- host side ----------------------------------------------------------------------------------------
@@ -471,7 +493,43 @@ def _chunks(n):
 SCRATCH_KEEP = 32 << 20
 
 
-class _Scratch(threading.local):
+class _Buffers:
+    """Buffers by role and dtype, reused by the next request that needs no more (up to ``keep`` bytes each)."""
+
+    def __init__(self, keep=None):
+        self.keep = keep
+        self.buffers = {}
+
+    def empty(self, role, shape, dtype):
+        dtype = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        size = math.prod(shape)
+        key = (role, dtype.char)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.size < size:
+            buffer = np.empty(size, dtype=dtype)
+            if self.keep is None or buffer.nbytes <= self.keep:
+                self.buffers[key] = buffer
+            else:
+                self.buffers.pop(key, None)
+        return buffer[:size].reshape(shape)
+
+    def zeros(self, role, shape, dtype):
+        out = self.empty(role, shape, dtype)
+        out.fill(0)
+        return out
+
+    def copy(self, role, a):
+        out = self.empty(role, a.shape, a.dtype)
+        np.copyto(out, a)
+        return out
+
+    @property
+    def nbytes(self):
+        return sum(b.nbytes for b in self.buffers.values())
+
+
+class _Scratch(threading.local, _Buffers):
     """Scratch buffers (padded planes, taps) kept per thread from one call to the next.
 
     A fresh allocation of a few MiB comes from the OS page by page, and the page faults cost
@@ -484,62 +542,48 @@ class _Scratch(threading.local):
     """
 
     def __init__(self):
-        self.buffers = {}
-
-    def empty(self, role, shape, dtype):
-        dtype = np.dtype(dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        size = math.prod(shape)
-        key = (role, dtype.char)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.size < size:
-            buffer = np.empty(size, dtype=dtype)
-            if buffer.nbytes <= SCRATCH_KEEP:
-                self.buffers[key] = buffer
-            else:
-                self.buffers.pop(key, None)
-        return buffer[:size].reshape(shape)
-
-    def zeros(self, role, shape, dtype):
-        out = self.empty(role, shape, dtype)
-        out.fill(0)
-        return out
+        _Buffers.__init__(self, SCRATCH_KEEP)
 
 
 _SCRATCH = _Scratch()
 
 
-def _uninitialised(shape, dtype):
+def _uninitialised(buffers, role, shape, dtype):
     """Storage every tap slot is written into (tests poison it to prove that)."""
-    return _SCRATCH.empty("taps", shape, dtype)
+    return buffers.empty(role, shape, dtype)
 
 
 class _Taps:
-    """Every element's taps, built from the canonical arrays of a conv call."""
+    """Every element's taps, built from the canonical arrays of a conv call; every array it
+    keeps (copies of the element arrays included) is from ``buffers``."""
 
-    def __init__(self, spec, weight, positions, sigma):
+    def __init__(self, spec, weight, positions, sigma, buffers):
         k = spec.kernel
         full = (k.n_learned, k.n_batch, k.n_dense, k.count)
 
-        def expand(a):  # (M, Po, Pi, D, C) -> (M, O * I, D, C)
-            return np.ascontiguousarray(np.broadcast_to(a, (k.n_learned, *k.batch_shape, k.n_dense, k.count))).reshape(full)
+        def copy(role, a, shape):  # a broadcast to shape, into a buffer
+            out = buffers.empty(role, shape, k.dtype)
+            np.copyto(out, np.broadcast_to(a, shape))
+            return out
 
         self.kind = _element.INTERPOLATION_CODES[k.interpolation]
         self.normalised = k.normalised
-        self.weight = weight.reshape(k.n_batch, k.n_dense, k.count)
-        self.positions = expand(positions)
-        self.sigma = self.positions if sigma is None else expand(sigma)
+        self.weight = copy("weight", weight, weight.shape).reshape(k.n_batch, k.n_dense, k.count)
+        # (M, Po, Pi, D, C) -> (M, O * I, D, C)
+        self.positions = copy("positions", positions, (k.n_learned, *k.batch_shape, k.n_dense, k.count)).reshape(full)
+        self.sigma = self.positions if sigma is None else copy("sigma", sigma, (k.n_learned, *k.batch_shape, k.n_dense, k.count)).reshape(full)
         self.sizes = np.asarray(k.learned_sizes, dtype=np.int64)
         self.n_chunks = _chunks(k.n_batch)
         self.radius = gauss_cut(k.dtype)
         counts = _SCRATCH.empty("counts", (k.n_batch, k.n_dense, k.count), np.int64)
         _count_taps(self.kind, self.positions, self.sigma, self.sizes, self.radius, counts, self.n_chunks)
-        self.start = np.zeros(counts.size + 1, dtype=np.int64)
+        self.start = buffers.empty("start", counts.size + 1, np.int64)
+        self.start[0] = 0
         np.cumsum(counts.reshape(-1), out=self.start[1:])
         self.pair_start = np.ascontiguousarray(self.start[:: k.n_dense * k.count])
         n_taps = int(self.start[-1])
-        self.cell = _uninitialised((n_taps, k.ndim), np.int64)
-        self.value = _uninitialised(n_taps, k.dtype)
+        self.cell = _uninitialised(buffers, "tap_cell", (n_taps, k.ndim), np.int64)
+        self.value = _uninitialised(buffers, "tap_value", n_taps, k.dtype)
         dense = np.array(k.dense_dims, dtype=np.int64)
         cells = np.indices(k.dense_sizes).reshape(len(k.dense_sizes), -1).T if k.dense_dims else np.zeros((1, 0), np.int64)
         _fill_taps(
@@ -547,6 +591,68 @@ class _Taps:
             np.array(k.learned_dims, dtype=np.int64), dense, np.ascontiguousarray(cells, dtype=np.int64),
             self.radius, self.start, self.cell, self.value, self.n_chunks,
         )  # fmt: skip
+
+
+def _same(a, b):
+    """Whether two arrays (or None) are bitwise equal, shapes and dtypes included."""
+    if a is None or b is None:
+        return a is b
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    bits = f"u{a.dtype.itemsize}"
+    a, b = a.view(bits), b.view(bits)
+    if a.size and (a.item(0) != b.item(0) or a.item(-1) != b.item(-1)):
+        return False  # (the usual miss, a parameter update, without a pass over the arrays)
+    return bool(np.array_equal(a, b))
+
+
+#: calls whose taps a thread keeps, and the most memory they may hold in all (bytes)
+MEMO_ENTRIES = 8
+MEMO_BYTES = 64 << 20
+
+
+class _TapsMemo(threading.local):
+    """The taps of the last MEMO_ENTRIES calls on this thread, for a call whose kernel and
+    ``weight``, ``positions``, ``sigma`` are bitwise those of one of them: the backward of a
+    layer (``conv_grad``) then reuses what its forward (``conv``) built, rather than building
+    the taps a second time, and so does every forward of a layer whose parameters do not
+    change (inference). Taps are a function of exactly those arrays, so a reused entry is what
+    building them again would give. An entry owns its buffers; those of the last entry let go
+    are kept (``spare``) for the next new one, so that training steps do not fault in fresh
+    pages."""
+
+    def __init__(self):
+        self.entries = []  # most recent first: (kernel spec, weight, positions, sigma, taps, buffers)
+        self.spare = None
+
+    def taps(self, spec, weight, positions, sigma):
+        for i, (kernel, w, p, s, taps, _) in enumerate(self.entries):
+            if kernel == spec.kernel and _same(w, weight) and _same(p, positions) and _same(s, sigma):
+                self.entries.insert(0, self.entries.pop(i))
+                return taps
+        buffers, self.spare = self.spare or _Buffers(), None
+        taps = _Taps(spec, weight, positions, sigma, buffers)
+        keys = tuple(None if a is None else buffers.copy(f"key {i}", a) for i, a in enumerate((weight, positions, sigma)))
+        if buffers.nbytes > MEMO_BYTES:
+            self.spare = buffers  # (used by this call only: the next call on this thread comes after it)
+            return taps
+        self.entries.insert(0, (spec.kernel, *keys, taps, buffers))
+        while len(self.entries) > MEMO_ENTRIES or sum(e[5].nbytes for e in self.entries) > MEMO_BYTES:
+            self.spare = self.entries.pop()[5]
+        return taps
+
+    def clear(self):
+        self.entries.clear()
+        self.spare = None
+
+
+_MEMO = _TapsMemo()
+
+
+def _taps(spec, weight, positions, sigma):
+    """The taps of a call (:class:`_TapsMemo`)."""
+    with threads_for(_element_work(spec)):
+        return _MEMO.taps(spec, weight, positions, sigma)
 
 
 class _Grid:
@@ -609,8 +715,7 @@ def _element_work(spec):
 
 
 def conv(spec, input, weight, positions, sigma, out=None):
-    with threads_for(_element_work(spec)):
-        taps = _Taps(spec, weight, positions, sigma)
+    taps = _taps(spec, weight, positions, sigma)
     grid = _Grid(spec)
     if out is None:
         out = np.empty(spec.output_shape, dtype=spec.dtype)
@@ -641,8 +746,7 @@ def _grad_input(spec, grid, taps, grad_output):
 
 def conv_grad(spec, grad_output, input, weight, positions, sigma):
     k = spec.kernel
-    with threads_for(_element_work(spec)):
-        taps = _Taps(spec, weight, positions, sigma)
+    taps = _taps(spec, weight, positions, sigma)
     grid = _Grid(spec)
     with threads_for(_work(spec, taps, grid.extent)):
         grad_input = _grad_input(spec, grid, taps, grad_output)
