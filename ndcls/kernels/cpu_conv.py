@@ -17,9 +17,12 @@ are computed and dropped), whatever N:
   the output gradient (on the wide grid, zeros elsewhere) with the padded input; then the
   per-element chain rule of ``construct_grad`` (:func:`ndcls.kernels.cpu._element_grad`).
 
-Taps are built once per call (two passes: count, then fill, parallel over chunks of channel
-pairs). Every accumulator and element is written by one task in a fixed order: results are
-deterministic. Tap values and the forward sums are in the input dtype; profiles, ``Z`` and the
+Taps are built in two passes (count, then fill, parallel over chunks of channel pairs) and
+kept per thread for the next calls with bitwise the same kernel and element arrays
+(:class:`_TapsMemo`: ``conv_grad`` reuses what ``conv`` built). The loops inside a chunk run
+as functions compiled without Numba's reference counting (``_nrt=False``), with scratch from
+the caller. Every accumulator and element is written by one task in a fixed order: results
+are deterministic. Tap values and the forward sums are in the input dtype; profiles, ``Z`` and the
 chain rule in float64, the ``dL/dK`` dot products in the input dtype over runs of at most
 CHUNK cells, summed in float64. Kernels release the GIL.
 """
