@@ -422,9 +422,10 @@ class ConvSpec:
         ``direct``: every element's taps times the output size (what ``ndcls.conv`` does);
         ``construct``: building ``K`` (every element's taps) plus the dense convolution over
         ``prod(sizes)`` cells. ``taps`` is the estimate per element (:func:`taps_per_element`,
-        ``sigma`` a typical width), ``shared`` says the taps are common to every channel pair
-        (positions and sigma broadcast over both batch axes: the direct route runs as matrix
-        products). The backward pass costs about twice the forward on either route.
+        ``sigma`` a typical width). The estimate counts taps per channel pair even where they
+        are common to every pair (positions and sigma broadcast over both batch axes), which
+        the CPU may run as matrix products over channels (docs/conv.md, section 2). The
+        backward pass costs about twice the forward on either route.
         """
         k = self.kernel
         taps = taps_per_element(k.interpolation, k.learned_sizes, sigma, k.dtype)

@@ -453,6 +453,48 @@ def test_taps_memo_reuses_only_bitwise_equal_elements():
     _assert_bitwise(_taps_call(w, p, other), fresh(w, p, other))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(batch=2, out=16, cin=16, groups=1, spatial=(14,), sizes=(7,), learned=None, dense=(), count=3, stride=1),
+        dict(batch=1, out=32, cin=32, groups=2, spatial=(9, 10), sizes=(5, 4), learned=None, dense=(), count=6, stride=2),
+        dict(batch=2, out=16, cin=16, groups=1, spatial=(6, 7, 5), sizes=(3, 4, 3), learned=(0, 2), dense=(4,), count=4, stride=1),
+    ],
+)
+def test_shared_positions_as_matrix_products_match_reference(shape, dtype):
+    """Positions and sigma broadcast over both channel axes, channels enough, overlapping
+    Gaussians: the CPU runs the taps as matrix products over channels (cpu_conv._SharedTaps);
+    output and every gradient match the reference, an invalid element's included."""
+    from ndcls.kernels import cpu_conv
+
+    rng = np.random.default_rng(21)
+    m = len(shape["sizes"]) if shape["learned"] is None else len(shape["learned"])
+    x = rng.standard_normal((shape["batch"], shape["cin"], *shape["spatial"])).astype(dtype)
+    w = rng.standard_normal((shape["out"], shape["cin"] // shape["groups"], *shape["dense"], shape["count"])).astype(dtype)
+    learned = range(len(shape["sizes"])) if shape["learned"] is None else shape["learned"]
+    top = np.array([shape["sizes"][a] for a in learned], dtype=np.float64).reshape(m, 1, 1, *[1] * len(shape["dense"]), 1)
+    p = (rng.uniform(0, 1, size=(m, 1, 1, *shape["dense"], shape["count"])) * (top - 1)).astype(dtype)
+    p.reshape(-1)[0] = np.nan
+    s = rng.uniform(0.8, 2.0, size=p.shape).astype(dtype)
+    kw = dict(sigma=s, interpolation="gauss", groups=shape["groups"], stride=shape["stride"],
+              padding=[k // 2 for k in shape["sizes"]], learned_dims=shape["learned"])
+    spec = ndcls.ConvSpec.from_arguments(
+        input_shape=x.shape, input_dtype=x.dtype, weight_shape=w.shape, weight_dtype=w.dtype, positions_shape=p.shape,
+        positions_dtype=p.dtype, sigma_shape=s.shape, sigma_dtype=s.dtype, sizes=shape["sizes"], interpolation="gauss",
+        learned_dims=shape["learned"], stride=shape["stride"], padding=kw["padding"], groups=shape["groups"])
+    canonical = [a.reshape(a.shape[0], a.shape[1], a.shape[2], -1, a.shape[-1]) for a in (p, s)]
+    w_canonical = w.reshape(w.shape[0], w.shape[1], -1, w.shape[-1])
+    assert cpu_conv._shared_taps(spec, cpu_conv._Grid(spec), w_canonical, *canonical) is not None  # the route is taken
+    out = ndcls.conv(x, w, p, shape["sizes"], backend="numba", **kw)
+    assert_close(out, ndcls.conv(x, w, p, shape["sizes"], backend="numpy", **kw), what="output")
+    gy = rng.standard_normal(out.shape).astype(dtype)
+    got = ndcls.conv_grad(gy, x, w, p, shape["sizes"], backend="numba", **kw)
+    expected = ndcls.conv_grad(gy, x, w, p, shape["sizes"], backend="numpy", **kw)
+    for name, a, e in zip(("input", "weight", "positions", "sigma"), got, expected):
+        assert_close(a, e, what=f"grad_{name}")
+
+
 def test_taps_memo_is_bounded_and_per_thread(monkeypatch):
     """At most MEMO_ENTRIES entries and MEMO_BYTES bytes; another thread has its own memo."""
     import threading

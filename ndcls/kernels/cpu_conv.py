@@ -29,8 +29,10 @@ CHUNK cells, summed in float64. Kernels release the GIL.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
+import types
 
 import numba
 import numpy as np
@@ -685,6 +687,11 @@ class _Grid:
         shape[0] = self.full[0]
         return _embed("grad_wide", output, shape, np.zeros_like(self.pad), self.stride)
 
+    def output_cells(self):
+        """Flat wide-grid index of every output cell, C order (``y * stride`` on the wide grid)."""
+        grid = np.indices(tuple(int(n) for n in self.out)).reshape(len(self.out), -1)
+        return ((grid * self.stride[:, None]) * self.wide[:, None]).sum(axis=0)
+
     def forward_taps(self):
         """``(base, sign, data_lo, data_hi)`` of :func:`_tap_run` for the forward and ``dL/dK``."""
         return np.zeros_like(self.pad), 1, self.pad[0], self.pad[0] + self.spatial[0]
@@ -717,11 +724,150 @@ def _element_work(spec):
     return spec.kernel.n_batch * spec.kernel.n_dense * spec.kernel.count * ELEMENT_WORK
 
 
+# -- shared positions: matrix products over channels (docs/conv.md, section 2, "Shared positions") ------
+
+#: Shared positions run as matrix products from this many channels per group (in and out) ...
+SHARED_MIN_CHANNELS = 16
+#: ... when a channel pair has at least this many taps per distinct cell: a matrix product per
+#: cell does the pair's work once per cell, where the per-pair route does it once per tap
+#: (overlapping Gaussians: 3.7x faster at 64 channels; bilinear corners rarely overlap, and
+#: there the per-pair route is as fast, or faster at 16 channels; benchmarks/bench_shared_cpu.py)
+SHARED_MIN_OVERLAP = 2.0
+
+
+class _SharedTaps:
+    """The taps common to every channel pair, by distinct kernel cell ``u``: offsets ``off[u]``
+    on the wide grid, and ``V[u, e]``, the value element ``e = (d, c)`` puts at cell ``u`` for
+    a unit weight (:class:`_Taps` of one pair); ``W[u] = sum_e V[u, e] * weight[:, :, e]``,
+    ``(O, I)`` per cell, in the input dtype."""
+
+    def __init__(self, spec, grid, weight, positions, sigma):
+        k = spec.kernel
+        one = types.SimpleNamespace(kernel=dataclasses.replace(k, batch_shape=(1, 1)))
+        self.taps = _MEMO.taps(one, np.ones((1, k.n_dense, k.count), k.dtype), positions, sigma)
+        self.element = np.repeat(np.arange(k.n_dense * k.count), np.diff(self.taps.start))  # element of each tap
+        cells, self.cell_of_tap = np.unique(self.taps.cell, axis=0, return_inverse=True)
+        self.cell_of_tap = self.cell_of_tap.reshape(-1)
+        self.off = cells @ grid.wide
+        self.values = np.zeros((len(cells), k.n_dense * k.count))  # V, float64
+        np.add.at(self.values, (self.cell_of_tap, self.element), self.taps.value.astype(np.float64))
+        self.weight = weight.reshape(k.n_batch, k.n_dense * k.count).astype(np.float64)  # (O * I, E)
+        self.matrices = (self.values @ self.weight.T).reshape(len(cells), spec.out_channels, spec.group_in).astype(k.dtype)
+
+
+def _shared_taps(spec, grid, weight, positions, sigma):
+    """The taps of a call as matrix products (:class:`_SharedTaps`), or None where the per-pair
+    route is the faster one: positions or sigma that differ between channel pairs, groups of
+    few channels, or taps that seldom share a cell."""
+    shared = positions.shape[1] == positions.shape[2] == 1 and (sigma is None or sigma.shape[1] == sigma.shape[2] == 1)
+    if not shared or min(spec.group_in, spec.group_out) < SHARED_MIN_CHANNELS:
+        return None
+    taps = _SharedTaps(spec, grid, weight, positions, sigma)
+    return taps if len(taps.element) >= SHARED_MIN_OVERLAP * len(taps.off) else None
+
+
+def _group_slices(spec, g):
+    return slice(g * spec.group_out, (g + 1) * spec.group_out), slice(g * spec.group_in, (g + 1) * spec.group_in)
+
+
+def _conv_shared(spec, grid, shared, input, out):
+    """conv of shared taps: per group and distinct cell, ``Y[:, o, f] += W[u] @ X[:, i, f + off[u]]``
+    on the wide grid (a batched matrix product), then the output cells copied out."""
+    x = grid.padded_input(input)
+    wide_out = np.zeros((spec.batch, spec.out_channels, grid.extent), dtype=spec.dtype)
+    product = np.empty((spec.batch, spec.group_out, grid.extent), dtype=spec.dtype)
+    for g in range(spec.groups):
+        o, i = _group_slices(spec, g)
+        for u, off in enumerate(shared.off):
+            np.matmul(shared.matrices[u, o], x[:, i, off : off + grid.extent], out=product)
+            wide_out[:, o] += product
+    out[...] = np.take(wide_out, grid.output_cells(), axis=2).reshape(out.shape)
+    return out
+
+
+def _conv_grad_shared(spec, grid, shared, grad_output, input, sigma):
+    """conv_grad of shared taps: the input gradient ``GX[:, i, f + off[u]] += W[u].T @ GY[:, o, f]``,
+    ``dL/dK`` per cell ``G[u] = sum_n GY[n, o, :] @ X[n, i, off[u]:].T`` (matrix products), then
+    ``dL/dw = G V``, and the chain rule of each shared element with ``dL/dK`` at its taps
+    ``sum_{o, i} w[o, i, e] G[u][o, i]`` (the gradient is linear in the weight)."""
+    k = spec.kernel
+    x = grid.padded_input(input)
+    gy = grid.wide_output(grad_output)[:, :, : grid.extent]
+    padded = math.prod(grid.padded)
+    grad_x = np.zeros((spec.batch, spec.in_channels, padded), dtype=spec.dtype)
+    grad_k = np.empty((len(shared.off), spec.out_channels, spec.group_in))  # G, float64
+    back = np.empty((spec.batch, spec.group_in, grid.extent), dtype=spec.dtype)
+    for g in range(spec.groups):
+        o, i = _group_slices(spec, g)
+        for u, off in enumerate(shared.off):
+            np.matmul(shared.matrices[u, o].T, gy[:, o], out=back)
+            grad_x[:, i, off : off + grid.extent] += back
+            grad_k[u, o] = np.matmul(gy[:, o], x[:, i, off : off + grid.extent].transpose(0, 2, 1)).sum(axis=0)
+    window = tuple(slice(p, p + n) for p, n in zip(grid.pad, grid.spatial))
+    grad_input = np.ascontiguousarray(grad_x.reshape(spec.batch, spec.in_channels, *grid.padded)[(..., *window)])
+    flat_k = grad_k.reshape(len(shared.off), k.n_batch)  # (U, O * I)
+    grad_w = (flat_k.T @ shared.values).reshape(k.n_batch, k.n_dense, k.count).astype(spec.dtype)
+    grad_tap = (flat_k @ shared.weight)[shared.cell_of_tap, shared.element]  # (taps,) float64
+    taps = shared.taps
+    grad_p = np.empty(taps.positions.shape, dtype=spec.dtype)
+    grad_s = np.empty(taps.positions.shape, dtype=spec.dtype)
+    invalid = np.zeros(k.n_dense * k.count, dtype=np.bool_)
+    _chain_rule(taps.kind, taps.normalised, taps.positions, taps.sigma, taps.sizes, taps.radius, taps.start, grad_tap, grad_p, grad_s, invalid)
+    grad_w[:, invalid.reshape(k.n_dense, k.count)] = np.nan  # as on the per-pair route: an invalid element's gradients are NaN
+    shape = (k.n_learned, 1, 1, k.n_dense, k.count)
+    return grad_input, grad_w, grad_p.reshape(shape), None if sigma is None else grad_s.reshape(shape)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _chain_rule(kind, normalised, positions, sigma, sizes, radius, start, grad_tap, grad_p, grad_s, invalid):
+    """The chain rule of every element of one channel pair (``positions`` ``(M, 1, D, C)``), for
+    a unit weight, from ``dL/dK`` at its taps ``grad_tap[start[e]:start[e + 1]]``; ``invalid[e]``
+    set for the elements whose position or width is unusable."""
+    m, _, n_dense, count = positions.shape
+    width = 1
+    for j in range(m):
+        width = max(width, sizes[j])
+    a = np.empty((m, width))
+    da_dp = np.empty((m, width))
+    da_ds = np.empty((m, width))
+    sums = np.empty((3, m))
+    lo = np.empty(m, np.int64)
+    hi = np.empty(m, np.int64)
+    box = np.empty(m, np.int64)
+    at = np.empty(m, np.int64)
+    u = np.empty(m)
+    v = np.empty(m)
+    for d in range(n_dense):
+        for c in range(count):
+            e = d * count + c
+            status, z = _profiles(kind, normalised, positions, sigma, 0, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True, radius)
+            if status != _OK:
+                invalid[e] = status == _INVALID
+                fill = np.nan if status == _INVALID else 0.0
+                for j in range(m):
+                    grad_p[j, 0, d, c] = fill
+                    grad_s[j, 0, d, c] = fill
+                continue
+            base = start[e]
+            stride_j = 1
+            for j in range(m - 1, -1, -1):
+                box[j] = stride_j
+                base -= lo[j] * stride_j
+                stride_j *= hi[j] - lo[j]
+            _element_grad(kind, normalised, grad_tap, base, box, 1.0, z, sigma, 0, d, c, lo, hi, a, da_dp, da_ds, sums, at, u, v)
+            for j in range(m):
+                grad_p[j, 0, d, c] = u[j]
+                grad_s[j, 0, d, c] = v[j]
+
+
 def conv(spec, input, weight, positions, sigma, out=None):
-    taps = _taps(spec, weight, positions, sigma)
-    grid = _Grid(spec)
     if out is None:
         out = np.empty(spec.output_shape, dtype=spec.dtype)
+    grid = _Grid(spec)
+    shared = _shared_taps(spec, grid, weight, positions, sigma)
+    if shared is not None:
+        return _conv_shared(spec, grid, shared, input, out)
+    taps = _taps(spec, weight, positions, sigma)
     with threads_for(_work(spec, taps, grid.extent)):
         _gather(
             grid.padded_input(input), _planes(out), taps.pair_start, taps.cell, taps.value, False,
@@ -748,9 +894,12 @@ def _grad_input(spec, grid, taps, grad_output):
 
 
 def conv_grad(spec, grad_output, input, weight, positions, sigma):
+    grid = _Grid(spec)
+    shared = _shared_taps(spec, grid, weight, positions, sigma)
+    if shared is not None:
+        return _conv_grad_shared(spec, grid, shared, grad_output, input, sigma)
     k = spec.kernel
     taps = _taps(spec, weight, positions, sigma)
-    grid = _Grid(spec)
     with threads_for(_work(spec, taps, grid.extent)):
         grad_input = _grad_input(spec, grid, taps, grad_output)
         grad_tap = _SCRATCH.empty("grad_tap", taps.value.shape[:1], np.float64)
