@@ -235,8 +235,8 @@ def _gather(
 
     One task per (run of rows of at most CHUNK cells, block of batch indices, block of
     channels), the blocks as large as CHUNK accumulator cells allow: short planes share a
-    task, and the channels of a block read each source plane while it is in cache. Each task
-    adds its taps in a fixed order: results do not depend on the threads.
+    task. A task visits its channel pairs in the order they are stored (their taps are read in
+    sequence) and adds their taps in a fixed order: results do not depend on the threads.
     """
     n_batch, n_dst, _ = dst.shape
     nd = wide.shape[0]
@@ -268,21 +268,18 @@ def _gather(
             if transposed:
                 c = c0 + q % (c1 - c0)
                 j = q // (c1 - c0)
+                channel = (c // group_in) * group_out + j
+                pair = channel * group_in + c % group_in
             else:
                 c = c0 + q // n_src
                 j = q % n_src
-            if True:
-                if transposed:
-                    channel = (c // group_in) * group_out + j
-                    pair = channel * group_in + c % group_in
-                else:
-                    channel = (c // group_out) * group_in + j
-                    pair = c * group_in + j
-                _pair_taps(
-                    flat_acc, (c - c0) * (n1 - n0) * width, width, flat_src, (n0 * src.shape[1] + channel) * cells,
-                    src.shape[1] * cells, n1 - n0, cell, value, pair_start[pair], pair_start[pair + 1], base, sign,
-                    wide, data_lo, data_hi, f0, f1,
-                )  # fmt: skip
+                channel = (c // group_out) * group_in + j
+                pair = c * group_in + j
+            _pair_taps(
+                flat_acc, (c - c0) * (n1 - n0) * width, width, flat_src, (n0 * src.shape[1] + channel) * cells,
+                src.shape[1] * cells, n1 - n0, cell, value, pair_start[pair], pair_start[pair + 1], base, sign,
+                wide, data_lo, data_hi, f0, f1,
+            )  # fmt: skip
         # copy the output cells of this run: y[0] with y[0] * out_step[0] in [r0, r0 + rows_per_task)
         s0 = out_step[0]
         y_first = (r0 + s0 - 1) // s0
