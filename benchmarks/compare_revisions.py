@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             for tree in trees.values():
                 subprocess.run(["git", "-C", root, "worktree", "remove", "--force", tree], check=False)
     print()
-    print(f"| layer (direct, fwd + bwd + SGD step, best of {args.rounds} x 10 steps) | {args.old} ms | {args.new} ms | {args.old} / {args.new} |")
+    print(f"| layer (direct, fwd + bwd, best of {args.rounds} x 10 training steps) | {args.old} ms | {args.new} ms | {args.old} / {args.new} |")
     print("|---|---:|---:|---:|")
     for case in cases:
         a, b = best[args.old][case], best[args.new][case]
