@@ -135,10 +135,11 @@ def _step(module, x, record: Optional[list] = None, sync: Callable[[], None] = l
 
     import torch
 
-    optimizer = torch.optim.SGD(module.parameters(), lr=1e-6) if any(True for _ in module.parameters()) else None
+    params = list(module.parameters())
+    optimizer = torch.optim.SGD(params, lr=1e-6) if params else None
 
     def run():
-        if optimizer is not None and any(p.grad is not None for p in module.parameters()):
+        if optimizer is not None and any(p.grad is not None for p in params):
             optimizer.step()
         module.zero_grad(set_to_none=True)
         x.grad = None

@@ -207,8 +207,8 @@ def normalise_profile(kind, p, s, lo, hi, a, da_dp, da_ds, total, total_dp, tota
     ``da - n * sum(da) = a * ((l - l_m) - sum_k n_k (l_k - l_m))`` and ``l_k - l_m`` is
     ``(k - m) / s`` or ``(k - m) / s * (u_k + u_m)``, both computed without cancellation.
     """
-    # multiplications by reciprocals rather than divisions (a dozen per element and row):
-    # 1 / total only where it is finite (else the division), the width clamped as in fill_profile
+    # multiplications by reciprocals rather than divisions (a dozen per element and row), each
+    # only where it is finite (else the division), as in fill_profile
     inv_total = 1.0 / total if total > 1e-300 else 0.0
     if kind == GAUSS and with_grad:
         inv_s = 1.0 / s if s > 1e-300 else 0.0
@@ -218,12 +218,8 @@ def normalise_profile(kind, p, s, lo, hi, a, da_dp, da_ds, total, total_dp, tota
         corr_s = 0.0
         for i in range(lo, hi):
             if a[i] > 0.0:  # a = 0 (underflow) also guards against (i - m) / s = inf
-                if inv_s > 0.0:
-                    dl = (float(i) - m) * inv_s
-                    ul = (float(i) - p) * inv_s
-                else:
-                    dl = (float(i) - m) / s
-                    ul = (float(i) - p) / s
+                dl = (float(i) - m) * inv_s if inv_s > 0.0 else (float(i) - m) / s
+                ul = (float(i) - p) * inv_s if inv_s > 0.0 else (float(i) - p) / s
                 corr_p += a[i] * dl
                 corr_s += a[i] * (dl * (ul + u_m))
         corr_p /= total
@@ -231,12 +227,8 @@ def normalise_profile(kind, p, s, lo, hi, a, da_dp, da_ds, total, total_dp, tota
         for i in range(lo, hi):
             value = a[i]
             if value > 0.0:
-                if inv_s > 0.0:
-                    dl = (float(i) - m) * inv_s
-                    ul = (float(i) - p) * inv_s
-                else:
-                    dl = (float(i) - m) / s
-                    ul = (float(i) - p) / s
+                dl = (float(i) - m) * inv_s if inv_s > 0.0 else (float(i) - m) / s
+                ul = (float(i) - p) * inv_s if inv_s > 0.0 else (float(i) - p) / s
                 da_dp[i] = value * (dl - corr_p)
                 da_ds[i] = value * (dl * (ul + u_m) - corr_s)
             a[i] = value * inv_total if inv_total > 0.0 else value / total

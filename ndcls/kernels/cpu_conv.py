@@ -456,31 +456,44 @@ def _grad_chunk(
         first = start[pair * n_dense * count]
         end = start[(pair + 1) * n_dense * count]
         _tap_grads(gy, x, flat_gy, flat_x, o, ci, first, end, cell, origin, 1, wide, data_lo, data_hi, extent, grad_tap, zero)
-        # the chain rule of every element of this pair, from dL/dK at its taps
-        for d in range(n_dense):
-            for c in range(count):
-                e = (pair * n_dense + d) * count + c
-                status, z = _profiles(kind, normalised, positions, sigma, pair, d, c, sizes, a_, da_dp, da_ds, sums, lo, hi, True, radius)
-                if status != _OK:
-                    fill = np.nan if status == _INVALID else 0.0
-                    grad_w[pair, d, c] = fill
-                    for j in range(m):
-                        grad_p[j, pair, d, c] = fill
-                        grad_s[j, pair, d, c] = fill
-                    continue
-                base = start[e]
-                stride_j = 1
-                for j in range(m - 1, -1, -1):  # the element's taps: its support box in C order
-                    box[j] = stride_j
-                    base -= lo[j] * stride_j
-                    stride_j *= hi[j] - lo[j]
-                grad_w[pair, d, c] = _element_grad(
-                    kind, normalised, grad_tap, base, box, weight[pair, d, c], z, sigma, pair, d, c,
-                    lo, hi, a_, da_dp, da_ds, sums, at, u, v,
-                )
+        _pair_chain_rule(
+            kind, normalised, weight, positions, sigma, sizes, radius, start, pair, grad_tap, grad_w, grad_p, grad_s,
+            a_, da_dp, da_ds, sums, lo, hi, box, at, u, v,
+        )  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _pair_chain_rule(
+    kind, normalised, weight, positions, sigma, sizes, radius, start, pair, grad_tap, grad_w, grad_p, grad_s, a_, da_dp,
+    da_ds, sums, lo, hi, box, at, u, v,
+):  # fmt: skip
+    """The chain rule of every element of channel pair ``pair``, from ``dL/dK`` at its taps
+    (``grad_tap``): the element's profiles, then :func:`ndcls.kernels.cpu._element_grad`."""
+    m, _, n_dense, count = positions.shape
+    for d in range(n_dense):
+        for c in range(count):
+            e = (pair * n_dense + d) * count + c
+            status, z = _profiles(kind, normalised, positions, sigma, pair, d, c, sizes, a_, da_dp, da_ds, sums, lo, hi, True, radius)
+            if status != _OK:
+                fill = np.nan if status == _INVALID else 0.0
+                grad_w[pair, d, c] = fill
                 for j in range(m):
-                    grad_p[j, pair, d, c] = u[j]
-                    grad_s[j, pair, d, c] = v[j]
+                    grad_p[j, pair, d, c] = fill
+                    grad_s[j, pair, d, c] = fill
+                continue
+            base = start[e]
+            stride_j = 1
+            for j in range(m - 1, -1, -1):  # the element's taps: its support box in C order
+                box[j] = stride_j
+                base -= lo[j] * stride_j
+                stride_j *= hi[j] - lo[j]
+            grad_w[pair, d, c] = _element_grad(
+                kind, normalised, grad_tap, base, box, weight[pair, d, c], z, sigma, pair, d, c,
+                lo, hi, a_, da_dp, da_ds, sums, at, u, v,
+            )
+            for j in range(m):
+                grad_p[j, pair, d, c] = u[j]
+                grad_s[j, pair, d, c] = v[j]
 
 
 # -- host side ----------------------------------------------------------------------------------------
@@ -808,53 +821,31 @@ def _conv_grad_shared(spec, grid, shared, grad_output, input, sigma):
     taps = shared.taps
     grad_p = np.empty(taps.positions.shape, dtype=spec.dtype)
     grad_s = np.empty(taps.positions.shape, dtype=spec.dtype)
-    invalid = np.zeros(k.n_dense * k.count, dtype=np.bool_)
-    _chain_rule(taps.kind, taps.normalised, taps.positions, taps.sigma, taps.sizes, taps.radius, taps.start, grad_tap, grad_p, grad_s, invalid)
-    grad_w[:, invalid.reshape(k.n_dense, k.count)] = np.nan  # as on the per-pair route: an invalid element's gradients are NaN
+    unit = np.empty((1, k.n_dense, k.count))  # dL/dw of the unit weights (unused: the weights get G V)
+    _chain_rule(
+        taps.kind, taps.normalised, taps.weight, taps.positions, taps.sigma, taps.sizes, taps.radius, taps.start,
+        grad_tap, unit, grad_p, grad_s,
+    )  # fmt: skip
+    invalid = ~np.isfinite(taps.positions).all(axis=0)  # (1, D, C)
+    if sigma is not None:
+        invalid |= ~(np.isfinite(taps.sigma) & (taps.sigma > 0)).all(axis=0)
+    grad_w[:, invalid[0]] = np.nan  # as on the per-pair route: an invalid element's gradients are NaN
     shape = (k.n_learned, 1, 1, k.n_dense, k.count)
     return grad_input, grad_w, grad_p.reshape(shape), None if sigma is None else grad_s.reshape(shape)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def _chain_rule(kind, normalised, positions, sigma, sizes, radius, start, grad_tap, grad_p, grad_s, invalid):
-    """The chain rule of every element of one channel pair (``positions`` ``(M, 1, D, C)``), for
-    a unit weight, from ``dL/dK`` at its taps ``grad_tap[start[e]:start[e + 1]]``; ``invalid[e]``
-    set for the elements whose position or width is unusable."""
-    m, _, n_dense, count = positions.shape
+def _chain_rule(kind, normalised, weight, positions, sigma, sizes, radius, start, grad_tap, grad_w, grad_p, grad_s):
+    """:func:`_pair_chain_rule` of the one channel pair of ``positions`` ``(M, 1, D, C)``."""
+    m = positions.shape[0]
     width = 1
     for j in range(m):
         width = max(width, sizes[j])
-    a = np.empty((m, width))
-    da_dp = np.empty((m, width))
-    da_ds = np.empty((m, width))
-    sums = np.empty((3, m))
-    lo = np.empty(m, np.int64)
-    hi = np.empty(m, np.int64)
-    box = np.empty(m, np.int64)
-    at = np.empty(m, np.int64)
-    u = np.empty(m)
-    v = np.empty(m)
-    for d in range(n_dense):
-        for c in range(count):
-            e = d * count + c
-            status, z = _profiles(kind, normalised, positions, sigma, 0, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True, radius)
-            if status != _OK:
-                invalid[e] = status == _INVALID
-                fill = np.nan if status == _INVALID else 0.0
-                for j in range(m):
-                    grad_p[j, 0, d, c] = fill
-                    grad_s[j, 0, d, c] = fill
-                continue
-            base = start[e]
-            stride_j = 1
-            for j in range(m - 1, -1, -1):
-                box[j] = stride_j
-                base -= lo[j] * stride_j
-                stride_j *= hi[j] - lo[j]
-            _element_grad(kind, normalised, grad_tap, base, box, 1.0, z, sigma, 0, d, c, lo, hi, a, da_dp, da_ds, sums, at, u, v)
-            for j in range(m):
-                grad_p[j, 0, d, c] = u[j]
-                grad_s[j, 0, d, c] = v[j]
+    _pair_chain_rule(
+        kind, normalised, weight, positions, sigma, sizes, radius, start, 0, grad_tap, grad_w, grad_p, grad_s,
+        np.empty((m, width)), np.empty((m, width)), np.empty((m, width)), np.empty((3, m)), np.empty(m, np.int64),
+        np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m), np.empty(m),
+    )  # fmt: skip
 
 
 def conv(spec, input, weight, positions, sigma, out=None):
