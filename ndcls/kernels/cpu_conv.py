@@ -740,8 +740,8 @@ def _element_work(spec):
 SHARED_MIN_CHANNELS = 16
 #: ... when a channel pair has at least this many taps per distinct cell: a matrix product per
 #: cell does the pair's work once per cell, where the per-pair route does it once per tap
-#: (overlapping Gaussians: 3.7x faster at 64 channels; bilinear corners rarely overlap, and
-#: there the per-pair route is as fast, or faster at 16 channels; benchmarks/bench_shared_cpu.py)
+#: (overlapping Gaussians at 16 to 64 channels: 1.8x to 5.2x faster; bilinear corners seldom
+#: overlap, and there the gain was unreliable, 0.3x to 2.3x; benchmarks/bench_shared_cpu.py)
 SHARED_MIN_OVERLAP = 2.0
 
 
