@@ -453,6 +453,39 @@ def test_taps_memo_reuses_only_bitwise_equal_elements():
     _assert_bitwise(_taps_call(w, p, other), fresh(w, p, other))
 
 
+def test_taps_memo_recovers_from_an_oversized_call_and_recycles_per_kernel(monkeypatch):
+    """A call too large for MEMO_BYTES is not kept, and keeps nothing: the next layers are
+    memoized again (a backward after its forward builds no taps). In a full memo, a new entry
+    takes the buffers of the oldest entry of its own kernel (the same layer, earlier step)."""
+    from ndcls.kernels import cpu_conv
+
+    rng = np.random.default_rng(10)
+    w, p, s = rng.standard_normal((4, 4, 3)), rng.uniform(0, 8, size=(1, 4, 4, 3)), np.full((1, 4, 4, 3), 0.7)
+    cpu_conv._MEMO.clear()
+    _taps_call(w, p, s)
+    small = cpu_conv._MEMO.nbytes
+    monkeypatch.setattr(cpu_conv, "MEMO_BYTES", 4 * small)
+    cpu_conv._MEMO.clear()
+    big = (rng.standard_normal((4, 4, 200)), rng.uniform(0, 8, size=(1, 4, 4, 200)), np.full((1, 4, 4, 200), 0.7))
+    _taps_call(*big)  # larger than MEMO_BYTES
+    assert cpu_conv._MEMO.entries == [] and cpu_conv._MEMO.nbytes == 0
+    builds = []
+    build = cpu_conv._Taps
+    monkeypatch.setattr(cpu_conv, "_Taps", lambda *a, **k: builds.append(1) or build(*a, **k))
+    _taps_call(w + 1, p, s)
+    assert len(builds) == 1  # conv built the taps, conv_grad reused them
+    monkeypatch.setattr(cpu_conv, "MEMO_ENTRIES", 2)
+    cpu_conv._MEMO.clear()
+    _taps_call(w, p, s)
+    oldest = cpu_conv._MEMO.entries[0][5]
+    other = rng.standard_normal((4, 4, 4)), rng.uniform(0, 8, size=(1, 4, 4, 4)), np.full((1, 4, 4, 4), 0.7)
+    _taps_call(*other)  # another kernel (count 4): the memo is full now
+    _taps_call(w + 2, p, s)  # the same kernel as the oldest entry: its buffers are taken
+    assert [e[5] is oldest for e in cpu_conv._MEMO.entries] == [True, False]
+    assert cpu_conv._MEMO.nbytes <= cpu_conv.MEMO_BYTES
+    cpu_conv._MEMO.clear()
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize(
     "shape",

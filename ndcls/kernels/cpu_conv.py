@@ -632,33 +632,45 @@ class _TapsMemo(threading.local):
     layer (``conv_grad``) then reuses what its forward (``conv``) built, rather than building
     the taps a second time, and so does every forward of a layer whose parameters do not
     change (inference). Taps are a function of exactly those arrays, so a reused entry is what
-    building them again would give. An entry owns its buffers; those of the last entry let go
-    are kept (``spare``) for the next new one, so that training steps do not fault in fresh
-    pages."""
+    building them again would give.
+
+    An entry owns its buffers, counted at their full size against MEMO_BYTES; an entry larger
+    than that is not kept, and nothing else outlives its entry. A new entry in a full memo
+    takes the buffers of the least recently used entry of the same kernel (the same layer at
+    an earlier step: same shapes), so that steady training faults in no fresh pages."""
 
     def __init__(self):
         self.entries = []  # most recent first: (kernel spec, weight, positions, sigma, taps, buffers)
-        self.spare = None
 
     def taps(self, spec, weight, positions, sigma):
         for i, (kernel, w, p, s, taps, _) in enumerate(self.entries):
             if kernel == spec.kernel and _same(w, weight) and _same(p, positions) and _same(s, sigma):
                 self.entries.insert(0, self.entries.pop(i))
                 return taps
-        buffers, self.spare = self.spare or _Buffers(), None
+        buffers = self._recycled(spec.kernel)
         taps = _Taps(spec, weight, positions, sigma, buffers)
         keys = tuple(None if a is None else buffers.copy(f"key {i}", a) for i, a in enumerate((weight, positions, sigma)))
-        if buffers.nbytes > MEMO_BYTES:
-            self.spare = buffers  # (used by this call only: the next call on this thread comes after it)
-            return taps
-        self.entries.insert(0, (spec.kernel, *keys, taps, buffers))
-        while len(self.entries) > MEMO_ENTRIES or sum(e[5].nbytes for e in self.entries) > MEMO_BYTES:
-            self.spare = self.entries.pop()[5]
+        if buffers.nbytes <= MEMO_BYTES:
+            self.entries.insert(0, (spec.kernel, *keys, taps, buffers))
+            while len(self.entries) > MEMO_ENTRIES or self.nbytes > MEMO_BYTES:
+                self.entries.pop()
         return taps
+
+    def _recycled(self, kernel):
+        """Buffers for a new entry: in a full memo, those of its least recently used entry of
+        ``kernel``, taken out of it; else new ones."""
+        if len(self.entries) >= MEMO_ENTRIES or self.nbytes >= MEMO_BYTES:
+            for i in range(len(self.entries) - 1, -1, -1):
+                if self.entries[i][0] == kernel:
+                    return self.entries.pop(i)[5]
+        return _Buffers()
+
+    @property
+    def nbytes(self):
+        return sum(entry[5].nbytes for entry in self.entries)
 
     def clear(self):
         self.entries.clear()
-        self.spare = None
 
 
 _MEMO = _TapsMemo()
