@@ -455,8 +455,9 @@ def test_taps_memo_reuses_only_bitwise_equal_elements():
 
 def test_taps_memo_recovers_from_an_oversized_call_and_recycles_per_kernel(monkeypatch):
     """A call too large for MEMO_BYTES is not kept, and keeps nothing: the next layers are
-    memoized again (a backward after its forward builds no taps). In a full memo, a new entry
-    takes the buffers of the oldest entry of its own kernel (the same layer, earlier step)."""
+    memoized again (a backward after its forward builds no taps). A new entry that would not
+    fit takes the buffers of the oldest entry of its own kernel (the same layer, earlier step),
+    as entries or as bytes."""
     from ndcls.kernels import cpu_conv
 
     rng = np.random.default_rng(10)
@@ -483,6 +484,14 @@ def test_taps_memo_recovers_from_an_oversized_call_and_recycles_per_kernel(monke
     _taps_call(w + 2, p, s)  # the same kernel as the oldest entry: its buffers are taken
     assert [e[5] is oldest for e in cpu_conv._MEMO.entries] == [True, False]
     assert cpu_conv._MEMO.nbytes <= cpu_conv.MEMO_BYTES
+    monkeypatch.setattr(cpu_conv, "MEMO_ENTRIES", 8)  # now bytes: 3 entries of one layer fit, a 4th does not
+    monkeypatch.setattr(cpu_conv, "MEMO_BYTES", 3 * small + small // 2)
+    cpu_conv._MEMO.clear()
+    for step in range(3):
+        _taps_call(w + 3 + step, p, s)
+    oldest = cpu_conv._MEMO.entries[-1][5]
+    _taps_call(w + 10, p, s)
+    assert len(cpu_conv._MEMO.entries) == 3 and cpu_conv._MEMO.entries[0][5] is oldest
     cpu_conv._MEMO.clear()
 
 

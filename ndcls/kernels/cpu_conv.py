@@ -635,7 +635,7 @@ class _TapsMemo(threading.local):
     building them again would give.
 
     An entry owns its buffers, counted at their full size against MEMO_BYTES; an entry larger
-    than that is not kept, and nothing else outlives its entry. A new entry in a full memo
+    than that is not kept, and nothing else outlives its entry. A new entry that would not fit
     takes the buffers of the least recently used entry of the same kernel (the same layer at
     an earlier step: same shapes), so that steady training faults in no fresh pages."""
 
@@ -657,12 +657,13 @@ class _TapsMemo(threading.local):
         return taps
 
     def _recycled(self, kernel):
-        """Buffers for a new entry: in a full memo, those of its least recently used entry of
-        ``kernel``, taken out of it; else new ones."""
-        if len(self.entries) >= MEMO_ENTRIES or self.nbytes >= MEMO_BYTES:
-            for i in range(len(self.entries) - 1, -1, -1):
-                if self.entries[i][0] == kernel:
+        """Buffers for a new entry: those of the least recently used entry of ``kernel``, taken
+        out of the memo, where one more entry of its size would not fit; else new ones."""
+        for i in range(len(self.entries) - 1, -1, -1):
+            if self.entries[i][0] == kernel:
+                if len(self.entries) >= MEMO_ENTRIES or self.nbytes + self.entries[i][5].nbytes > MEMO_BYTES:
                     return self.entries.pop(i)[5]
+                break
         return _Buffers()
 
     @property
