@@ -228,12 +228,44 @@ def _element_grad(kind, normalised, g, base, strides, w, total, sigma, b, d, c, 
     return ratio * t
 
 
+@njit(cache=True, inline="always")
+def _element_chain(
+    kind, normalised, g, base, strides, at_taps, weight, positions, sigma, b, d, c, sizes, radius, a, da_dp, da_ds,
+    sums, lo, hi, idx, u, v, grad_w, grad_p, grad_s,
+):  # fmt: skip
+    """Gradients of element ``(b, d, c)`` into ``grad_w``, ``grad_p``, ``grad_s``: its profiles, then
+    :func:`_element_grad` (NaN for an invalid element, 0 for an empty one). ``dL/dK`` at its
+    cells is read from ``g``: ``construct_grad`` gives the kernel block (``base``, ``strides``);
+    ``conv_grad`` (``at_taps``) the element's taps from ``base`` on, its support box in C order
+    (``strides`` is scratch then)."""
+    m = positions.shape[0]
+    status, total = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True, radius)
+    if status != _OK:
+        fill = np.nan if status == _INVALID else 0.0
+        grad_w[b, d, c] = fill
+        for j in range(m):
+            grad_p[j, b, d, c] = fill
+            grad_s[j, b, d, c] = fill
+        return
+    if at_taps:
+        step = 1
+        for j in range(m - 1, -1, -1):
+            strides[j] = step
+            base -= lo[j] * step
+            step *= hi[j] - lo[j]
+    grad_w[b, d, c] = _element_grad(
+        kind, normalised, g, base, strides, weight[b, d, c], total, sigma, b, d, c, lo, hi, a, da_dp, da_ds, sums, idx, u, v,
+    )  # fmt: skip
+    for j in range(m):
+        grad_p[j, b, d, c] = u[j]
+        grad_s[j, b, d, c] = v[j]
+
+
 def _construct_grad(
     kind, normalised, grad_kernel, weight, positions, sigma, grad_w, grad_p, grad_s, dense_offsets, sizes, strides, n_chunks, radius
 ):
     n_batch, n_dense, count = weight.shape
     m = positions.shape[0]
-    last = m - 1
     width = 1
     for j in range(m):
         width = max(width, sizes[j])
@@ -282,23 +314,10 @@ def _construct_grad(
                         for j in range(m):
                             grad_p[j, b, d, c] = w * u[j]
                         continue
-                    status, total = _profiles(
-                        kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True, radius
-                    )
-                    if status != _OK:
-                        fill = np.nan if status == _INVALID else 0.0
-                        grad_w[b, d, c] = fill
-                        for j in range(m):
-                            grad_p[j, b, d, c] = fill
-                            grad_s[j, b, d, c] = fill
-                        continue
-                    grad_w[b, d, c] = _element_grad(
-                        kind, normalised, g_block, dense_offsets[d], strides, weight[b, d, c], total, sigma, b, d, c,
-                        lo, hi, a, da_dp, da_ds, sums, idx, u, v,
-                    )
-                    for j in range(m):
-                        grad_p[j, b, d, c] = u[j]
-                        grad_s[j, b, d, c] = v[j]
+                    _element_chain(
+                        kind, normalised, g_block, dense_offsets[d], strides, False, weight, positions, sigma, b, d, c,
+                        sizes, radius, a, da_dp, da_ds, sums, lo, hi, idx, u, v, grad_w, grad_p, grad_s,
+                    )  # fmt: skip
 
 
 # -- dispatch ------------------------------------------------------------------------------

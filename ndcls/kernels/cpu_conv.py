@@ -42,7 +42,7 @@ from ndcls._spec import gauss_cut
 from ndcls.kernels import _element
 from ndcls.kernels._threads import threads_for
 from ndcls.kernels.cpu import (
-    _FASTMATH, _INVALID, _OK, _advance, _cut_support, _element_grad, _element_scale, _profiles, _valid,
+    _FASTMATH, _OK, _advance, _cut_support, _element_chain, _element_scale, _profiles, _valid,
 )
 
 
@@ -468,32 +468,14 @@ def _pair_chain_rule(
     da_ds, sums, lo, hi, box, at, u, v,
 ):  # fmt: skip
     """The chain rule of every element of channel pair ``pair``, from ``dL/dK`` at its taps
-    (``grad_tap``): the element's profiles, then :func:`ndcls.kernels.cpu._element_grad`."""
-    m, _, n_dense, count = positions.shape
+    (``grad_tap``): :func:`ndcls.kernels.cpu._element_chain`."""
+    _, _, n_dense, count = positions.shape
     for d in range(n_dense):
         for c in range(count):
-            e = (pair * n_dense + d) * count + c
-            status, z = _profiles(kind, normalised, positions, sigma, pair, d, c, sizes, a_, da_dp, da_ds, sums, lo, hi, True, radius)
-            if status != _OK:
-                fill = np.nan if status == _INVALID else 0.0
-                grad_w[pair, d, c] = fill
-                for j in range(m):
-                    grad_p[j, pair, d, c] = fill
-                    grad_s[j, pair, d, c] = fill
-                continue
-            base = start[e]
-            stride_j = 1
-            for j in range(m - 1, -1, -1):  # the element's taps: its support box in C order
-                box[j] = stride_j
-                base -= lo[j] * stride_j
-                stride_j *= hi[j] - lo[j]
-            grad_w[pair, d, c] = _element_grad(
-                kind, normalised, grad_tap, base, box, weight[pair, d, c], z, sigma, pair, d, c,
-                lo, hi, a_, da_dp, da_ds, sums, at, u, v,
-            )
-            for j in range(m):
-                grad_p[j, pair, d, c] = u[j]
-                grad_s[j, pair, d, c] = v[j]
+            _element_chain(
+                kind, normalised, grad_tap, start[(pair * n_dense + d) * count + c], box, True, weight, positions,
+                sigma, pair, d, c, sizes, radius, a_, da_dp, da_ds, sums, lo, hi, at, u, v, grad_w, grad_p, grad_s,
+            )  # fmt: skip
 
 
 # -- host side ----------------------------------------------------------------------------------------
