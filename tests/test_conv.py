@@ -337,6 +337,33 @@ def test_large_planes_match_reference(backend, shape, sizes, learned, count, gro
             assert_close(a, e, what=f"grad_{name}")
 
 
+@pytest.mark.parametrize("below", [0, 1 << 40], ids=["one-plane-per-batch-index", "interleaved"])
+@pytest.mark.parametrize("case", [LARGE_CASES[0], LARGE_CASES[2], LARGE_CASES[3]], ids=["1-D", "short", "2-D"])
+def test_batch_layouts_agree(case, below, monkeypatch):
+    """The CPU kernels read a plane per batch index or batch-interleaved planes (cpu_conv._interleaved,
+    chosen by plane length): both layouts, forced on shapes of either kind, match the reference."""
+    from ndcls.kernels import cpu_conv
+
+    shape, sizes, learned, count, groups, out_channels, stride, padding, interpolation = case
+    rng = np.random.default_rng(12)
+    dense = tuple(s for a, s in enumerate(sizes) if a not in learned)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((out_channels, shape[1] // groups, *dense, count)).astype(np.float32)
+    top = np.array([sizes[a] for a in learned], dtype=float).reshape(-1, *[1] * (3 + len(dense)))
+    p = (rng.uniform(-0.2, 1.2, size=(len(learned), out_channels, shape[1] // groups, *dense, count)) * top).astype(np.float32)
+    sigma = rng.uniform(0.3, 1.5, size=p.shape).astype(np.float32) if interpolation == "gauss" else None
+    kw = dict(sigma=sigma, interpolation=interpolation, learned_dims=learned, stride=stride, padding=padding, groups=groups)
+    g = rng.standard_normal(ndcls.conv(x, w, p, sizes, backend="numpy", **kw).shape).astype(np.float32)
+    monkeypatch.setattr(cpu_conv, "INTERLEAVE_BELOW", below)
+    out = ndcls.conv(x, w, p, sizes, backend="numba", **kw)
+    got = ndcls.conv_grad(g, x, w, p, sizes, backend="numba", **kw)
+    assert_close(out, ndcls.conv(x, w, p, sizes, backend="numpy", **kw), what="output")
+    expected = ndcls.conv_grad(g, x, w, p, sizes, backend="numpy", **kw)
+    for name, a, e in zip(("input", "weight", "positions", "sigma"), got, expected):
+        if e is not None:
+            assert_close(a, e, what=f"grad_{name}")
+
+
 def test_scratch_left_by_a_larger_call_changes_nothing():
     """The CPU backend keeps its scratch buffers between calls (cpu_conv._Scratch): a call
     after a larger one, whose data still sits in them, gives bitwise the same results."""
