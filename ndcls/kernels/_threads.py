@@ -46,8 +46,8 @@ def busy_elsewhere():
     An average over time, not a snapshot: right after a torch operation, torch's own OpenMP
     workers (a thread pool apart from Numba's) spin for a moment and then sleep, and a
     snapshot of ``/proc/loadavg`` less this process's running threads, read a moment apart,
-    counted them as another process's in about one call of three after a torch convolution:
-    the 1-D delays layer then ran on one thread, 1.9x slower.
+    often counted them as another process's after a torch convolution, and the 1-D delays
+    layer then ran on one thread (docs/conv.md, section 6).
     """
     global _last_busy
     now = time.monotonic()

@@ -186,7 +186,7 @@ def _tap_run(cell, t, base, sign, wide, data_lo, data_hi):
 def _group_size(n, widest):
     """Taps per pass for ``n`` taps left: 6 (if ``widest`` is 6), 4, 2, 1. A 1-D Gaussian of
     width 0.5 in float32 has 5 or 6 taps: one pass where 4 + 2 take two. The gathers pass
-    ``widest`` 4 on long planes, where passes of six ran slower (2-D Gaussians: 1.3x)."""
+    ``widest`` 4 on long planes, where passes of six ran slower (2-D Gaussians; docs/conv.md)."""
     return 6 if n >= 6 and widest >= 6 else (4 if n >= 4 else (2 if n >= 2 else 1))
 
 
@@ -817,7 +817,7 @@ def _embed(role, a, shape, front, step, interleaved=False):
 def _interleave(a, out, in_shape, strides, front, step):
     """``out[0, c, f(y) * batch + n] = a[n, c, y]`` for every input cell ``y`` (C order), ``f(y) =
     sum_j (front[j] + y[j] * step[j]) * strides[j]`` (:func:`_embed`). (NumPy's copy into the
-    interleaved view went element by element: 4 ms where the plain copy took 0.9 ms.)"""
+    interleaved view went element by element, several times slower than the plain copy.)"""
     n_batch, channels, cells = a.shape
     nd = in_shape.shape[0]
     last = in_shape[nd - 1]
@@ -852,9 +852,9 @@ def _interleaved(spec, grid):
 
     A tap's axpy or dot product then covers every batch index at once. That pays where planes
     are short: the 1-D delays layer (101 cells, batch 2) has 1.1 million taps whose runs of 41
-    cells cost their setup more than their arithmetic, and it ran 1.15x faster in forward +
-    backward. On long planes the runs are long anyway, and the larger working set of a task
-    (all batch indices of its cells) cost time: the ConvNeXt layer (4016 cells) ran 1.3x slower.
+    cells cost their setup more than their arithmetic (docs/conv.md, section 2). On long
+    planes the runs are long anyway, and the larger working set of a task (all batch indices
+    of its cells) cost time: the ConvNeXt layer (4016 cells) ran slower.
     """
     return spec.batch > 1 and grid.extent < INTERLEAVE_BELOW
 
