@@ -514,11 +514,40 @@ def test_taps_memo_recovers_from_an_oversized_call_and_recycles_per_kernel(monke
     monkeypatch.setattr(cpu_conv, "MEMO_ENTRIES", 8)  # now bytes: 3 entries of one layer fit, a 4th does not
     monkeypatch.setattr(cpu_conv, "MEMO_BYTES", 3 * small + small // 2)
     cpu_conv._MEMO.clear()
-    for step in range(3):
-        _taps_call(w + 3 + step, p, s)
+    x = np.random.default_rng(3).standard_normal((2, 4, 30))
+    for step in range(3):  # forwards only (inference): no entry is spent
+        ndcls.conv(x, w + 3 + step, p, (9,), sigma=s, interpolation="gauss", padding=4, backend="numba")
     oldest = cpu_conv._MEMO.entries[-1][5]
     _taps_call(w + 10, p, s)
     assert len(cpu_conv._MEMO.entries) == 3 and cpu_conv._MEMO.entries[0][5] is oldest
+    cpu_conv._MEMO.clear()
+
+
+def test_taps_memo_gives_a_spent_entry_to_the_next_step():
+    """Training: once conv_grad has used an entry (spent), the next new entry of its kernel (the
+    next step's parameters) takes its buffers, so the memo faults in fresh pages for one entry
+    per layer; entries of other kernels and unspent ones stay, and a spent entry still serves a
+    call with its own parameters until then."""
+    from ndcls.kernels import cpu_conv
+
+    rng = np.random.default_rng(13)
+    w, p, s = rng.standard_normal((4, 4, 3)), rng.uniform(0, 8, size=(1, 4, 4, 3)), np.full((1, 4, 4, 3), 0.7)
+    other = rng.standard_normal((4, 4, 4)), rng.uniform(0, 8, size=(1, 4, 4, 4)), np.full((1, 4, 4, 4), 0.7)
+    cpu_conv._MEMO.clear()
+    _taps_call(*other)  # another layer (count 4), spent too
+    _taps_call(w, p, s)
+    first = cpu_conv._MEMO.entries[0]
+    assert first[4].spent
+    builds = []
+    build = cpu_conv._Taps
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_conv, "_Taps", lambda *a, **k: builds.append(1) or build(*a, **k))
+        _taps_call(w, p, s)  # the same parameters again (gradient accumulation): reused
+        assert builds == []
+        for step in range(1, 4):
+            _taps_call(w + step, p, s)
+            assert len(cpu_conv._MEMO.entries) == 2 and cpu_conv._MEMO.entries[0][5] is first[5]
+    assert len(builds) == 3
     cpu_conv._MEMO.clear()
 
 
@@ -573,8 +602,9 @@ def test_taps_memo_is_bounded_and_per_thread(monkeypatch):
     rng = np.random.default_rng(9)
     cpu_conv._MEMO.clear()
     w, p, s = rng.standard_normal((4, 4, 3)), rng.uniform(0, 8, size=(1, 4, 4, 3)), np.full((1, 4, 4, 3), 0.7)
-    for step in range(cpu_conv.MEMO_ENTRIES + 3):
-        _taps_call(w + step, p, s)
+    x = np.random.default_rng(3).standard_normal((2, 4, 30))
+    for step in range(cpu_conv.MEMO_ENTRIES + 3):  # forwards only: no entry is spent, none gives way early
+        ndcls.conv(x, w + step, p, (9,), sigma=s, interpolation="gauss", padding=4, backend="numba")
     assert len(cpu_conv._MEMO.entries) == cpu_conv.MEMO_ENTRIES
     seen = []
     thread = threading.Thread(target=lambda: seen.append(len(cpu_conv._MEMO.entries)))
@@ -667,3 +697,156 @@ def test_half_precision_computes_in_float32(backend, dtype):
         _close_half(a.double().numpy(), e, dtype, f"{dtype} grad_{name}")
     with pytest.raises(TypeError, match=f"input must have the dtype of weight \\({dtype}\\), got float32"):
         ndcls.conv(args[0].float(), *args[1:3], sizes, sigma=args[3], backend=backend, **kw)
+
+
+# -- Gaussian rows computed a block at a time (cpu._gauss_rows) -----------------------------------------
+
+
+def _mixed_gauss_rows(rng, shape):
+    """Positions and widths of Gaussian rows along an axis of 9 cells: mostly regular, with every
+    kind of row the block path leaves to the scalar one (invalid, too wide, far outside)."""
+    p = rng.uniform(-1.0, 9.0, size=shape)
+    s = rng.uniform(0.3, 0.8, size=shape)
+    flat_p, flat_s = p.reshape(-1), s.reshape(-1)
+    odd = [
+        (np.nan, 0.5), (np.inf, 0.5), (3.0, np.nan), (3.0, 0.0), (3.0, -1.0), (3.0, 1e-150), (4.2, 3.0), (4.2, 1e5),
+        (-35.0 * 0.5, 0.5), (9.0 + 38.0 * 0.5, 0.5), (-45.0 * 0.5, 0.5), (4.0 + 1e-9, 1e-3), (0.0, 0.5), (8.0, 0.5),
+    ]
+    picks = rng.choice(flat_p.size, size=len(odd), replace=False)
+    for at, (pv, sv) in zip(picks, odd):
+        flat_p[at], flat_s[at] = pv, sv
+    return p, s
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    "shape, sizes, learned",
+    [((2, 10, 30), (9,), (0,)), ((2, 5, 14, 14), (9, 9), (0, 1)), ((1, 6, 12, 13), (5, 9), (1,))],
+    ids=["1-D", "2-D", "2-1-D"],
+)
+def test_gaussian_rows_in_blocks_match_reference(shape, sizes, learned, dtype):
+    """The numba backend computes Gaussian rows ROW_BLOCK elements at a time (cpu._gauss_rows)
+    and leaves irregular rows to the scalar path: element counts that are not a multiple of the
+    block, and rows of every irregular kind among regular ones, match the reference."""
+    rng = np.random.default_rng(21)
+    out_channels, cin, count = 7, shape[1], 3
+    dense = tuple(n for a, n in enumerate(sizes) if a not in learned)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((out_channels, cin, *dense, count)).astype(dtype)
+    p, s = _mixed_gauss_rows(rng, (len(learned), out_channels, cin, *dense, count))
+    p, s = p.astype(dtype), s.astype(dtype)
+    kw = dict(sigma=s, interpolation="gauss", learned_dims=learned, padding="same")
+    out = ndcls.conv(x, w, p, sizes, backend="numba", **kw)
+    assert_close(out, ndcls.conv(x, w, p, sizes, backend="numpy", **kw), what="output")
+    g = rng.standard_normal(out.shape).astype(dtype)
+    got = ndcls.conv_grad(g, x, w, p, sizes, backend="numba", **kw)
+    expected = ndcls.conv_grad(g, x, w, p, sizes, backend="numpy", **kw)
+    for name, a, e in zip(("input", "weight", "positions", "sigma"), got, expected):
+        assert_close(a, e, what=f"grad_{name}")
+
+
+def test_gaussian_rows_in_blocks_are_the_scalar_profiles():
+    """Row by row, cpu._gauss_rows gives what cpu._profiles gives (support, normalised profile,
+    centred derivatives, sums) wherever it calls a row regular, and it calls regular every
+    valid row of at most ROW_WIDEST cells whose peak is within ROW_GAP widths of the kernel."""
+    from numba import njit
+
+    from ndcls._spec import gauss_cut
+    from ndcls.kernels import cpu
+
+    B, fields = cpu.ROW_BLOCK, cpu.ROW_FIELDS
+
+    @njit
+    def both(p, s, size, radius):
+        n_el = p.shape[1]
+        rows = np.zeros((n_el // B + 1, fields * B))
+        scalar = np.zeros((n_el, 3, size))
+        sums = np.zeros((n_el, 3))
+        bounds = np.zeros((n_el, 3), np.int64)
+        sizes = np.array([size], np.int64)
+        for blk in range(0, n_el, B):
+            cpu._gauss_rows(p, s, 0, blk, min(B, n_el - blk), size, radius, True, rows[blk // B])
+        a, dp, ds = np.zeros((1, size)), np.zeros((1, size)), np.zeros((1, size))
+        sc, lo, hi = np.zeros((3, 1)), np.zeros(1, np.int64), np.zeros(1, np.int64)
+        for e in range(n_el):
+            a[:] = 0.0
+            dp[:] = 0.0
+            ds[:] = 0.0
+            status, _ = cpu._profiles(2, True, p, s, e, 0, 0, sizes, a, dp, ds, sc, lo, hi, True, radius)
+            bounds[e, 0], bounds[e, 1], bounds[e, 2] = status, lo[0], hi[0]
+            scalar[e, 0], scalar[e, 1], scalar[e, 2] = a[0], dp[0], ds[0]
+            sums[e, 0], sums[e, 1], sums[e, 2] = sc[0, 0], sc[1, 0], sc[2, 0]
+        return rows, scalar, sums, bounds
+
+    rng = np.random.default_rng(5)
+    size = 9
+    p, s = _mixed_gauss_rows(rng, (1, 150, 1, 1))
+    radius = gauss_cut(np.float32)
+    rows, scalar, sums, bounds = both(p, s, size, radius)
+    n_regular = 0
+    for e in range(p.shape[1]):
+        r = rows[e // B].reshape(fields, B)[:, e % B]
+        width = int(r[cpu._WIDTH])
+        pe, se = p[0, e, 0, 0], s[0, e, 0, 0]
+        status, lo, hi = bounds[e]
+        valid = np.isfinite(pe) and np.isfinite(se) and se >= 1e-140
+        gap = abs(pe - np.floor(np.clip(pe, 0, size - 1) + 0.5)) if valid else np.inf
+        expect_regular = valid and gap <= cpu.ROW_GAP * se and 1 <= hi - lo <= cpu.ROW_WIDEST
+        assert (width > 0) == expect_regular, (e, pe, se, width, lo, hi)
+        if not width:
+            continue
+        n_regular += 1
+        assert status == 2 and (int(r[cpu._LO]), int(r[cpu._LO]) + width) == (lo, hi)
+        for field, q in ((cpu._A, 0), (cpu._DA_DP, 1), (cpu._DA_DS, 2)):
+            np.testing.assert_allclose(r[field : field + width], scalar[e, q, lo:hi], rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(r[cpu._SUM : cpu._SUM + 3], sums[e], rtol=1e-13, atol=1e-15)
+    assert n_regular >= 100
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "gauss"])
+def test_taps_sharing_cells_are_merged(interpolation, monkeypatch):
+    """Where a channel pair's elements share cells, the numba backend gathers and correlates
+    each distinct cell once (cpu_conv._Taps._merge) and hands each tap its cell's dL/dK: the
+    results match the reference, merged or not."""
+    from ndcls.kernels import cpu_conv
+
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((2, 4, 11, 12))
+    w = rng.standard_normal((4, 1, 12))
+    p = rng.uniform(0.0, 4.0, size=(2, 4, 1, 12))  # 12 elements in a 5 x 5 kernel: many shared cells
+    s = rng.uniform(0.3, 0.6, size=p.shape) if interpolation == "gauss" else None
+    kw = dict(sigma=s, interpolation=interpolation, groups=4, padding="same")
+    g = rng.standard_normal((2, 4, 11, 12))
+    expected = [ndcls.conv(x, w, p, (5, 5), backend="numpy", **kw), *ndcls.conv_grad(g, x, w, p, (5, 5), backend="numpy", **kw)]
+    for below in (cpu_conv.MERGE_BELOW, 0.0):
+        monkeypatch.setattr(cpu_conv, "MERGE_BELOW", below)
+        cpu_conv._MEMO.clear()
+        got = [ndcls.conv(x, w, p, (5, 5), backend="numba", **kw), *ndcls.conv_grad(g, x, w, p, (5, 5), backend="numba", **kw)]
+        taps = cpu_conv._MEMO.entries[0][4]
+        assert (taps.cell_of_tap is not None) == (below > 0), "merged exactly where MERGE_BELOW allows"
+        if below:
+            assert len(taps.values) < 0.9 * len(taps.value)
+        for name, a, e in zip(("output", "input", "weight", "positions", "sigma"), got, expected):
+            if e is not None:
+                assert_close(a, e, what=f"{interpolation} {name} (MERGE_BELOW {below})")
+
+
+def test_lane_exp_is_within_its_stated_accuracy():
+    """cpu._exp, the branch-free exp of the Gaussian rows, is within 6e-16 of NumPy's exp
+    (relative) over its range [-700, 0], and clamps outside it."""
+    from numba import njit
+
+    from ndcls.kernels import cpu
+
+    @njit
+    def lane_exp(x):
+        out = np.empty_like(x)
+        for i in range(x.shape[0]):
+            out[i] = cpu._exp(x[i])
+        return out
+
+    rng = np.random.default_rng(17)
+    x = np.concatenate([-rng.random(500_000) * 700.0, -rng.random(500_000) * 2.0, [0.0, -0.0, -700.0, -1e-300]])
+    got, expected = lane_exp(x), np.exp(x)
+    assert np.max(np.abs(got - expected) / expected) < 6e-16
+    np.testing.assert_array_equal(lane_exp(np.array([-800.0, 3.0])), lane_exp(np.array([-700.0, 0.0])))

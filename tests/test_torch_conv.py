@@ -254,13 +254,14 @@ def test_estimate_scales_with_the_work():
     assert math.isclose(e2["work_dense"], 2 * e1["work_dense"])
 
 
-def test_cuda_estimate_merges_taps_and_uses_the_gpu_rates():
-    """On CUDA tensors the direct route lists each touched cell of a channel pair once: its work
-    is capped by the kernel's cells (gauss elements overlapping on a 17x17 kernel), and the
-    times use GPU_RATES."""
+def test_estimate_merges_taps_and_uses_the_device_rates():
+    """The direct route gathers each touched cell of a channel pair once (the CPU kernels merge
+    a pair's shared cells, the GPU kernels list them once): its work is capped by the kernel's
+    cells (34 gauss elements of 17 x 17 cut cells each on a 17 x 17 kernel), and the times use
+    the device's rates."""
     shape = dict(batch=2, out_channels=4, in_per_group=1, out_spatial=(20, 20), sizes=(17, 17), learned_dims=(0, 1),
                  count=34, interpolation="gauss", width=2.0)
     cpu, gpu = cost.estimate(**shape), cost.estimate(**shape, device="cuda")
-    assert cpu["work_direct"] > cpu["work_dense"]  # 34 elements of 25 x 25 cut cells each, unmerged
-    assert gpu["work_direct"] == gpu["work_dense"] == 2 * 4 * 20 * 20 * 17 * 17
-    assert math.isclose(gpu["direct_s"], cost.GPU_RATES.call_direct + gpu["work_direct"] / cost.GPU_RATES.direct_depthwise)
+    for e, rates in ((cpu, cost.RATES), (gpu, cost.GPU_RATES)):
+        assert e["work_direct"] == e["work_dense"] == 2 * 4 * 20 * 20 * 17 * 17
+        assert math.isclose(e["direct_s"], rates.call_direct + e["work_direct"] / rates.direct_depthwise)

@@ -11,18 +11,24 @@ each element's gradients once (no races, deterministic). Small calls run a seria
 ones a parallel one whose threads claim loop iterations dynamically (:mod:`._threads`); the
 kernels release the GIL. Arithmetic is in float64 whatever the input dtype. The per-element
 maths is :mod:`ndcls.kernels._element`, inlined here; the per-element chain rule
-:func:`_element_grad` serves ``construct_grad`` and ``conv_grad`` (:mod:`.cpu_conv`).
+:func:`_element_grad` serves ``construct_grad`` and ``conv_grad`` (:mod:`.cpu_conv`), which
+also computes Gaussian rows many elements at a time (:func:`_gauss_rows`). Kernels compile
+with ``error_model="numpy"``: a division has no zero-division branch (every division is
+guarded where it matters), so that loops with divisions can vectorise.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 import types as types_
 
 import numba
 import numpy as np
+from llvmlite import ir as llvm_ir
 from numba import njit, prange
+from numba.extending import intrinsic
 
 from ndcls._spec import gauss_cut, taps_per_element
 from ndcls.kernels import _element
@@ -234,10 +240,7 @@ def _element_chain(
     sums, lo, hi, idx, u, v, grad_w, grad_p, grad_s,
 ):  # fmt: skip
     """Gradients of element ``(b, d, c)`` into ``grad_w``, ``grad_p``, ``grad_s``: its profiles, then
-    :func:`_element_grad` (NaN for an invalid element, 0 for an empty one). ``dL/dK`` at its
-    cells is read from ``g``: ``construct_grad`` gives the kernel block (``base``, ``strides``);
-    ``conv_grad`` (``at_taps``) the element's taps from ``base`` on, its support box in C order
-    (``strides`` is scratch then)."""
+    :func:`_chain_from_profiles` (NaN for an invalid element, 0 for an empty one)."""
     m = positions.shape[0]
     status, total = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, da_dp, da_ds, sums, lo, hi, True, radius)
     if status != _OK:
@@ -247,6 +250,23 @@ def _element_chain(
             grad_p[j, b, d, c] = fill
             grad_s[j, b, d, c] = fill
         return
+    _chain_from_profiles(
+        kind, normalised, g, base, strides, at_taps, weight, sigma, b, d, c, total, a, da_dp, da_ds, sums, lo, hi, idx, u,
+        v, grad_w, grad_p, grad_s,
+    )  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _chain_from_profiles(
+    kind, normalised, g, base, strides, at_taps, weight, sigma, b, d, c, total, a, da_dp, da_ds, sums, lo, hi, idx, u, v,
+    grad_w, grad_p, grad_s,
+):  # fmt: skip
+    """:func:`_element_grad` of element ``(b, d, c)``, whose profiles (:func:`_profiles`, with
+    gradients, ``total`` its ``S``) are given, written to ``grad_w``, ``grad_p``, ``grad_s``.
+    ``dL/dK`` at its cells is read from ``g``: ``construct_grad`` gives the kernel block
+    (``base``, ``strides``); ``conv_grad`` (``at_taps``) the element's taps from ``base`` on, its
+    support box in C order (``strides`` is scratch then)."""
+    m = lo.shape[0]
     if at_taps:
         step = 1
         for j in range(m - 1, -1, -1):
@@ -259,6 +279,171 @@ def _element_chain(
     for j in range(m):
         grad_p[j, b, d, c] = u[j]
         grad_s[j, b, d, c] = v[j]
+
+
+# -- Gaussian rows across SIMD lanes -------------------------------------------------------------
+# The scalar profile code above spends most of its time on branches, loops of 5 or 6 cells
+# and libm's exp, one element after the other. The conv kernels (cpu_conv) instead compute
+# the Gaussian rows of ROW_BLOCK elements together, one element per SIMD lane, in the formulas
+# of _element: the cut support, every cell's exp (a polynomial, :func:`_exp`) and, with
+# gradients, the centred derivative rows. A row that is not *regular* (invalid, an empty or
+# wider support than ROW_WIDEST cells, a peak more than ROW_GAP widths outside the kernel)
+# is left to :func:`_profiles`. Every lane loop runs ROW_BLOCK times over one flat scratch
+# array of fields ROW_BLOCK apart, so that LLVM sees the fields do not overlap and vectorises
+# (the kernels compile with ``error_model="numpy"``: no zero-division branch in a division).
+
+#: elements whose Gaussian rows are computed together
+ROW_BLOCK = 32
+#: widest regular row (cells); the cut support of a width-0.5 Gaussian has 5 or 6 in float32
+ROW_WIDEST = 16
+#: a row whose peak lies further outside the kernel than this many widths is not regular: its
+#: values approach underflow, where :func:`_profiles` defines what happens
+ROW_GAP = 30.0
+# fields of a block's scratch row (:func:`_gauss_rows`), each ROW_BLOCK lanes
+_P, _S, _INV_S, _LO, _WIDTH, _SUM, _SUM_DP, _SUM_DS, _NEAREST, _CORR_P, _CORR_S, _T, _H_P, _H_S, _A = range(15)
+_DA_DP = _A + ROW_WIDEST
+_DA_DS = _DA_DP + ROW_WIDEST
+ROW_FIELDS = _DA_DS + ROW_WIDEST
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 in two parts: k * _LN2_HI is exact for |k| < 2**20
+_LN2_LO = 1.90821492927058770002e-10
+_EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(13))
+
+
+@intrinsic
+def _float_of_bits(typingctx, bits):
+    """The float64 whose IEEE bits are the int64 ``bits``."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.DoubleType())
+
+    return numba.types.float64(numba.types.int64), codegen
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _exp(x):
+    """``exp(x)`` for ``x`` in ``[-700, 0]`` (clamped), within 6e-16 relative (tests/test_conv.py):
+    ``2**k * exp(r)``, ``|r| <= ln(2) / 2``, ``exp(r)`` by its Taylor series to degree 12, ``2**k``
+    from its bits. Branch-free, so that loops calling it vectorise (libm's exp does not)."""
+    c = _EXP_TAYLOR
+    xi = min(max(x, -700.0), 0.0)
+    k = math.floor(xi * _LOG2E + 0.5)
+    r = (xi - k * _LN2_HI) - k * _LN2_LO
+    q = c[12]
+    q = q * r + c[11]
+    q = q * r + c[10]
+    q = q * r + c[9]
+    q = q * r + c[8]
+    q = q * r + c[7]
+    q = q * r + c[6]
+    q = q * r + c[5]
+    q = q * r + c[4]
+    q = q * r + c[3]
+    q = q * r + c[2]
+    q = q * r + 1.0
+    q = q * r + 1.0
+    return q * _float_of_bits((np.int64(k) + 1023) << 52)
+
+
+@njit(cache=True, inline="always")
+def _lane(index):
+    """``index`` as an unsigned integer: an array index Numba does not check for wraparound
+    (the check, a select per access, keeps LLVM from vectorising)."""
+    return np.uint64(index)
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _gauss_rows(positions, sigma, j, e0, n, size, radius, with_grad, r):
+    """Gaussian rows along learned axis ``j`` of the elements ``e0 + i``, ``i < n`` (arrays
+    viewed ``(M, E, 1, 1)``), lane ``i`` of each field of ``r`` (``ROW_FIELDS * ROW_BLOCK``):
+    ``_LO``, ``_WIDTH`` (0: not regular), ``_A + k`` the normalised profile at cell ``lo + k``,
+    ``_SUM``, ``_SUM_DP``, ``_SUM_DS`` the sums of the profile and of its derivatives before
+    normalisation (:func:`_element.fill_profile`); with gradients, ``_DA_DP + k`` and
+    ``_DA_DS + k`` the centred derivative rows (:func:`_element.normalise_profile`). Returns
+    the widest row."""
+    B = ROW_BLOCK
+    last = positions.shape[1] - 1
+    for i in range(B):  # an invalid lane (or one past n) gets p = 0, s = -1: never regular
+        p = float(positions[j, min(e0 + i, last), 0, 0])
+        s = float(sigma[j, min(e0 + i, last), 0, 0])
+        ok = (abs(p) <= 1e300) & (s >= 1e-140) & (s <= 1e300) & (i < n)
+        r[_lane(_P * B + i)] = p if ok else 0.0
+    for i in range(B):
+        p = float(positions[j, min(e0 + i, last), 0, 0])
+        s = float(sigma[j, min(e0 + i, last), 0, 0])
+        ok = (abs(p) <= 1e300) & (s >= 1e-140) & (s <= 1e300) & (i < n)
+        r[_lane(_S * B + i)] = s if ok else -1.0
+    for i in range(B):
+        r[_lane(_INV_S * B + i)] = 1.0 / r[_lane(_S * B + i)]
+    for i in range(B):  # the cut support, as in _element.cut_support
+        p = r[_lane(_P * B + i)]
+        s = r[_lane(_S * B + i)]
+        nearest = math.floor(min(max(p, 0.0), size - 1.0) + 0.5)
+        gap = abs(p - nearest)
+        reach = math.sqrt((radius * s) * (radius * s) + gap * gap)
+        first = min(max(math.ceil(min(max(p - reach, -2.0), size + 1.0)), 0.0), float(size))
+        r[_lane(_LO * B + i)] = first
+    for i in range(B):
+        p = r[_lane(_P * B + i)]
+        s = r[_lane(_S * B + i)]
+        nearest = math.floor(min(max(p, 0.0), size - 1.0) + 0.5)
+        gap = abs(p - nearest)
+        reach = math.sqrt((radius * s) * (radius * s) + gap * gap)
+        last_cell = min(max(math.floor(min(max(p + reach, -2.0), size + 1.0)) + 1.0, 0.0), float(size))
+        width = last_cell - r[_lane(_LO * B + i)]
+        regular = (s > 0.0) & (gap <= ROW_GAP * s) & (width >= 1.0) & (width <= ROW_WIDEST)
+        r[_lane(_WIDTH * B + i)] = width if regular else 0.0
+    widest = 0.0
+    for i in range(B):
+        widest = max(widest, r[_lane(_WIDTH * B + i)])
+        r[_lane(_SUM * B + i)] = 0.0
+        r[_lane(_SUM_DP * B + i)] = 0.0
+        r[_lane(_SUM_DS * B + i)] = 0.0
+    n_cells = int(widest)
+    for k in range(n_cells):  # a[k] = exp(-u**2 / 2), u = (cell - p) / s
+        row = (_A + k) * B
+        for i in range(B):
+            u = (r[_lane(_LO * B + i)] + k - r[_lane(_P * B + i)]) * r[_lane(_INV_S * B + i)]
+            r[_lane(row + i)] = _exp(-0.5 * u * u) if k < r[_lane(_WIDTH * B + i)] else 0.0
+        for i in range(B):
+            u = (r[_lane(_LO * B + i)] + k - r[_lane(_P * B + i)]) * r[_lane(_INV_S * B + i)]
+            value = r[_lane(row + i)]
+            r[_lane(_SUM * B + i)] += value
+            r[_lane(_SUM_DP * B + i)] += value * u  # s * da/dp, as in fill_profile
+            r[_lane(_SUM_DS * B + i)] += value * u * u  # s * da/ds
+    if with_grad:  # rows centred about the cell m nearest p: a * ((l - l_m) - sum_k n_k (l_k - l_m))
+        for i in range(B):
+            lo = r[_lane(_LO * B + i)]
+            r[_lane(_NEAREST * B + i)] = math.floor(min(max(r[_lane(_P * B + i)] + 0.5, lo), lo + r[_lane(_WIDTH * B + i)] - 1.0))
+            r[_lane(_CORR_P * B + i)] = 0.0
+            r[_lane(_CORR_S * B + i)] = 0.0
+        for k in range(n_cells):  # l - l_m per cell (in the derivative rows for now), and their sums
+            row = (_A + k) * B
+            for i in range(B):
+                cell = r[_lane(_LO * B + i)] + k
+                dl = (cell - r[_lane(_NEAREST * B + i)]) * r[_lane(_INV_S * B + i)]
+                ul = (cell - r[_lane(_P * B + i)]) * r[_lane(_INV_S * B + i)]
+                u_m = (r[_lane(_NEAREST * B + i)] - r[_lane(_P * B + i)]) * r[_lane(_INV_S * B + i)]
+                r[_lane((_DA_DP + k) * B + i)] = dl
+                r[_lane((_DA_DS + k) * B + i)] = dl * (ul + u_m)
+                r[_lane(_CORR_P * B + i)] += r[_lane(row + i)] * dl
+                r[_lane(_CORR_S * B + i)] += r[_lane(row + i)] * (dl * (ul + u_m))
+        for i in range(B):
+            inv_total = 1.0 / r[_lane(_SUM * B + i)] if r[_lane(_WIDTH * B + i)] > 0.0 else 0.0
+            r[_lane(_CORR_P * B + i)] *= inv_total
+            r[_lane(_CORR_S * B + i)] *= inv_total
+        for k in range(n_cells):
+            row = (_A + k) * B
+            for i in range(B):
+                a = r[_lane(row + i)]
+                r[_lane((_DA_DP + k) * B + i)] = a * (r[_lane((_DA_DP + k) * B + i)] - r[_lane(_CORR_P * B + i)])
+                r[_lane((_DA_DS + k) * B + i)] = a * (r[_lane((_DA_DS + k) * B + i)] - r[_lane(_CORR_S * B + i)])
+    for k in range(n_cells):
+        row = (_A + k) * B
+        for i in range(B):
+            r[_lane(row + i)] *= 1.0 / r[_lane(_SUM * B + i)] if r[_lane(_WIDTH * B + i)] > 0.0 else 0.0
+    return n_cells
 
 
 def _construct_grad(
@@ -369,7 +554,7 @@ def _run(py_func, parallel, *args):
         variant = types_.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__)
         variant.__qualname__ = f"{py_func.__qualname__}_{'parallel' if parallel else 'serial'}"
         variant.__module__ = py_func.__module__
-        compiled = njit(sig, cache=True, parallel=parallel, nogil=True, fastmath=_FASTMATH)(variant)
+        compiled = njit(sig, cache=True, parallel=parallel, nogil=True, fastmath=_FASTMATH, error_model="numpy")(variant)
         _COMPILED[key] = compiled
     if not parallel:
         return compiled(*args)

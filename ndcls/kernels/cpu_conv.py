@@ -18,8 +18,10 @@ side, so that one axpy covers the batch (:func:`_interleaved`):
   the output gradient (on the wide grid, zeros elsewhere) with the padded input; then the
   per-element chain rule of ``construct_grad`` (:func:`ndcls.kernels.cpu._element_chain`).
 
-Taps are built in two passes (count, then fill, parallel over chunks of channel pairs) and
-kept per thread for the next calls with bitwise the same kernel and element arrays
+Taps are built in two passes (count, then fill, parallel over chunks of channel pairs; the
+Gaussian rows of ROW_BLOCK elements at a time across SIMD lanes, :func:`ndcls.kernels.cpu._gauss_rows`),
+the taps of a channel pair that share a cell merged into one (:meth:`_Taps._merge`), and kept
+per thread for the next calls with bitwise the same kernel and element arrays
 (:class:`_TapsMemo`: ``conv_grad`` reuses what ``conv`` built). The loops inside a chunk run
 as functions compiled without Numba's reference counting (``_nrt=False``), with scratch from
 the caller. Every accumulator and element is written by one task in a fixed order: results
@@ -43,13 +45,17 @@ from ndcls._spec import gauss_cut
 from ndcls.kernels import _element
 from ndcls.kernels._threads import threads_for
 from ndcls.kernels.cpu import (
-    _FASTMATH, _OK, _advance, _cut_support, _element_chain, _element_scale, _profiles, _valid,
+    _A, _DA_DP, _DA_DS, _FASTMATH, _H_P, _H_S, _LO, _OK, _SUM, _SUM_DP, _SUM_DS, _T, _WIDTH, ROW_BLOCK, ROW_FIELDS,
+    _advance, _derivative_scale, _lane, _normalised_gradient, _ratios, _chain_from_profiles, _cut_support, _element_chain,
+    _element_scale, _gauss_rows, _profiles, _valid,
 )
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _count_taps(kind, positions, sigma, sizes, radius, counts, n_chunks):
-    """``counts[b, d, c]``: number of kernel cells element ``(b, d, c)`` touches (0 if invalid)."""
+    """``counts[b, d, c]``: number of kernel cells element ``(b, d, c)`` touches (0 if invalid).
+    Compiled with the flags of :func:`_fill_taps_chunk`, whose scalar path computes the same
+    supports (:func:`cpu._profiles`); a block row is used only where it agrees with the count."""
     m, n_batch, n_dense, count = positions.shape
     for chunk in prange(n_chunks):  # chunks of channel pairs: claimed one at a time, not pairs
         for b in range(chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks):
@@ -72,54 +78,220 @@ def _fill_taps(kind, normalised, weight, positions, sigma, sizes, learned_axes, 
     """Cells (``tap_cell[t]``: one index per kernel axis) and values of every element's taps,
     element ``e = (b * n_dense + d) * count + c`` at ``[start[e], start[e + 1])``, its support
     box in C order (row 0 of ``positions`` slowest)."""
-    m = positions.shape[0]
-    n_batch = positions.shape[1]
+    m, n_batch, n_dense, count = positions.shape
+    n_elements = n_batch * n_dense * count
     width = 1
     for j in range(m):
         width = max(width, sizes[j])
     for chunk in prange(n_chunks):  # scratch per chunk of channel pairs, not per pair
+        b0, b1 = chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks
         _fill_taps_chunk(
-            kind, normalised, weight, positions, sigma, sizes, learned_axes, dense_axes, dense_cells, radius, start,
-            tap_cell, tap_val, chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks,
-            np.empty((m, width)), np.empty((3, m)), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64),
+            kind, normalised, weight.reshape(n_elements, 1, 1), positions.reshape(m, n_elements, 1, 1),
+            sigma.reshape(m, n_elements, 1, 1), n_dense, count, sizes, learned_axes, dense_axes, dense_cells, radius,
+            start, tap_cell, tap_val, b0 * n_dense * count, b1 * n_dense * count, np.empty((m, width)), np.empty((3, m)),
+            np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), _row_scratch(m),
         )  # fmt: skip
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
+@njit(cache=True, inline="always")
+def _row_scratch(m):
+    """Scratch of :func:`ndcls.kernels.cpu._gauss_rows` for ``m`` rows of ROW_BLOCK elements."""
+    return np.empty((m, ROW_FIELDS * ROW_BLOCK))
+
+
+@njit(cache=True, inline="always")
+def _block_rows(kind, positions, sigma, sizes, radius, e0, n, with_grad, rows):
+    """Gaussian rows of the elements ``[e0, e0 + n)`` along every learned axis into ``rows``
+    (:func:`_row_scratch`); False for the other kinds, which take the scalar path."""
+    if kind != _element.GAUSS:
+        return False
+    for j in range(positions.shape[0]):
+        _gauss_rows(positions, sigma, j, e0, n, sizes[j], radius, with_grad, rows[j])
+    return True
+
+
+@njit(cache=True, inline="always")
+def _row_taps_match(start, e0, n, r):
+    """Keep the width of lane ``i`` of row ``r`` only where element ``e0 + i`` (``i < n``) has
+    exactly that many taps (else 0: the scalar path decides); returns the widest kept."""
+    B = ROW_BLOCK
+    last = start.shape[0] - 2
+    widest = 0.0
+    for i in range(B):
+        e = min(e0 + i, last)
+        width = r[_lane(_WIDTH * B + i)]
+        keep = (i < n) & (float(start[e + 1] - start[e]) == width)
+        r[_lane(_WIDTH * B + i)] = width if keep else 0.0
+        widest = max(widest, width if keep else 0.0)
+    return int(widest)
+
+
+@njit(cache=True, inline="always")
+def _row_chain(kind, g, start, e0, n, weight, sigma, r, grad_w, grad_p, grad_s):
+    """:func:`ndcls.kernels.cpu._element_grad` of the elements ``e0 + i``, ``i < n``, of one
+    learned Gaussian row (``r``, :func:`cpu._gauss_rows` with gradients), one per lane, from
+    ``dL/dK`` at their taps in ``g``. A lane of width 0 gets garbage, for the scalar path to
+    overwrite."""
+    B = ROW_BLOCK
+    n_cells = _row_taps_match(start, e0, n, r)
+    last_tap = g.shape[0] - 1
+    last = start.shape[0] - 2
+    for i in range(B):
+        r[_lane(_T * B + i)] = 0.0
+        r[_lane(_H_P * B + i)] = 0.0
+        r[_lane(_H_S * B + i)] = 0.0
+    for k in range(n_cells):  # sums of G * n, G * da_dp, G * da_ds along the row
+        for i in range(B):
+            gk = g[_lane(min(start[min(e0 + i, last)] + k, last_tap))]
+            gk = gk if k < r[_lane(_WIDTH * B + i)] else 0.0
+            r[_lane(_T * B + i)] += gk * r[_lane((_A + k) * B + i)]
+            r[_lane(_H_P * B + i)] += gk * r[_lane((_DA_DP + k) * B + i)]
+            r[_lane(_H_S * B + i)] += gk * r[_lane((_DA_DS + k) * B + i)]
+    for i in range(n):  # one row: the other rows' product is 1
+        e = e0 + i
+        t = r[_lane(_T * B + i)]
+        total = r[_lane(_SUM * B + i)]
+        ratio, q = _ratios(total)
+        scale = _derivative_scale(kind, float(sigma[0, e, 0, 0]))
+        w = weight[e, 0, 0]
+        grad_w[e, 0, 0] = ratio * t
+        grad_p[0, e, 0, 0] = _normalised_gradient(w, t, r[_lane(_H_P * B + i)], r[_lane(_SUM_DP * B + i)], total, 1.0, q, scale)
+        grad_s[0, e, 0, 0] = _normalised_gradient(w, t, r[_lane(_H_S * B + i)], r[_lane(_SUM_DS * B + i)], total, 1.0, q, scale)
+
+
+@njit(cache=True, inline="always")
+def _row_taps(normalised, start, e0, n, weight, r, tap_cell, tap_val, learned_axis, dense_axes, dense_cells, n_dense, count):
+    """The taps of the elements ``e0 + i``, ``i < n``, of one learned row (``r``,
+    :func:`cpu._gauss_rows`) whose row is regular and matches their tap count (the others
+    are left to the scalar path, their lanes' widths set to 0)."""
+    B = ROW_BLOCK
+    _row_taps_match(start, e0, n, r)
+    for i in range(n):  # K = w * (S / Z) * n, as in _fill_taps_chunk
+        r[_lane(_T * B + i)] = weight[e0 + i, 0, 0] * _element_scale(normalised, r[_lane(_SUM * B + i)])
+    for i in range(n):
+        width = int(r[_lane(_WIDTH * B + i)])
+        e = e0 + i
+        t = start[e]
+        lo = int(r[_lane(_LO * B + i)])
+        d = (e // count) % n_dense if dense_axes.shape[0] else 0
+        scale = r[_lane(_T * B + i)]
+        for k in range(width):
+            tap_val[t + k] = scale * r[_lane((_A + k) * B + i)]
+            tap_cell[t + k, learned_axis] = lo + k
+            for q in range(dense_axes.shape[0]):
+                tap_cell[t + k, dense_axes[q]] = dense_cells[d, q]
+
+
+@njit(cache=True, inline="always")
+def _lane_profiles(rows, i, n_taps, with_grad, a, da_dp, da_ds, sums, lo, hi):
+    """Element ``i`` of a block of :func:`_block_rows` into the scratch of :func:`cpu._profiles`
+    (rows at their cells); returns its ``S``, or 0 where a row is not regular or the box is
+    not ``n_taps`` cells (the scalar path then decides)."""
+    B = ROW_BLOCK
+    m = lo.shape[0]
+    box = 1
+    for j in range(m):
+        box *= int(rows[j, _WIDTH * B + i])
+    if box == 0 or box != n_taps:
+        return 0.0
+    z = 1.0
+    for j in range(m):
+        r = rows[j]
+        lo[j] = int(r[_LO * B + i])
+        hi[j] = lo[j] + int(r[_WIDTH * B + i])
+        for k in range(hi[j] - lo[j]):
+            a[j, lo[j] + k] = r[(_A + k) * B + i]
+            if with_grad:
+                da_dp[j, lo[j] + k] = r[(_DA_DP + k) * B + i]
+                da_ds[j, lo[j] + k] = r[(_DA_DS + k) * B + i]
+        for q in range(3):
+            sums[q, j] = r[(_SUM + q) * B + i]
+        z *= sums[0, j]
+    return z
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False, error_model="numpy")
 def _fill_taps_chunk(
-    kind, normalised, weight, positions, sigma, sizes, learned_axes, dense_axes, dense_cells, radius, start, tap_cell,
-    tap_val, b0, b1, a, sums, lo, hi, idx,
+    kind, normalised, weight, positions, sigma, n_dense, count, sizes, learned_axes, dense_axes, dense_cells, radius,
+    start, tap_cell, tap_val, e_lo, e_hi, a, sums, lo, hi, idx, rows,
 ):  # fmt: skip
-    """:func:`_fill_taps` for the channel pairs ``[b0, b1)``, with scratch ``a``, ``sums``, ``lo``, ``hi``, ``idx``."""
-    m, _, n_dense, count = positions.shape
-    for b in range(b0, b1):
-        for d in range(n_dense):
-            for c in range(count):
-                e = (b * n_dense + d) * count + c
-                t = start[e]
-                if start[e + 1] == t:
-                    continue
-                status, z = _profiles(kind, normalised, positions, sigma, b, d, c, sizes, a, a, a, sums, lo, hi, False, radius)
-                if status != _OK:  # a row whose values all underflow to 0: no contribution
-                    for q in range(t, start[e + 1]):  # cell 0 lies in every kernel, value 0
-                        tap_val[q] = 0.0
-                        for a_axis in range(tap_cell.shape[1]):
-                            tap_cell[q, a_axis] = 0
-                    continue
-                scale = weight[b, d, c] * _element_scale(normalised, z)
+    """:func:`_fill_taps` for the elements ``[e_lo, e_hi)`` (element arrays viewed ``(M, E, 1, 1)``),
+    with scratch ``a``, ``sums``, ``lo``, ``hi``, ``idx``, ``rows``: a block of Gaussian rows at a
+    time (:func:`_block_rows`), else element by element."""
+    m = positions.shape[0]
+    for e0 in range(e_lo, e_hi, ROW_BLOCK):
+        n = min(ROW_BLOCK, e_hi - e0)
+        in_block = _block_rows(kind, positions, sigma, sizes, radius, e0, n, False, rows)
+        one_row = in_block and m == 1
+        if one_row:
+            _row_taps(
+                normalised, start, e0, n, weight, rows[0], tap_cell, tap_val, learned_axes[0], dense_axes, dense_cells,
+                n_dense, count,
+            )  # fmt: skip
+        for e in range(e0, e0 + n):
+            t = start[e]
+            if start[e + 1] == t or (one_row and rows[0, _WIDTH * ROW_BLOCK + e - e0] > 0.0):
+                continue
+            z = _lane_profiles(rows, e - e0, start[e + 1] - t, False, a, a, a, sums, lo, hi) if in_block else 0.0
+            status = _OK
+            if not z > 0.0:
+                status, z = _profiles(kind, normalised, positions, sigma, e, 0, 0, sizes, a, a, a, sums, lo, hi, False, radius)
+            if status != _OK:  # a row whose values all underflow to 0: no contribution
+                for q in range(t, start[e + 1]):  # cell 0 lies in every kernel, value 0
+                    tap_val[q] = 0.0
+                    for a_axis in range(tap_cell.shape[1]):
+                        tap_cell[q, a_axis] = 0
+                continue
+            scale = weight[e, 0, 0] * _element_scale(normalised, z)
+            d = (e // count) % n_dense if dense_axes.shape[0] else 0
+            for j in range(m):
+                idx[j] = lo[j]
+            while True:
+                value = scale
                 for j in range(m):
-                    idx[j] = lo[j]
-                while True:
-                    value = scale
-                    for j in range(m):
-                        value *= a[j, idx[j]]
-                        tap_cell[t, learned_axes[j]] = idx[j]
-                    for q in range(dense_axes.shape[0]):
-                        tap_cell[t, dense_axes[q]] = dense_cells[d, q]
-                    tap_val[t] = value
-                    t += 1
-                    if not _advance(idx, lo, hi, m):
-                        break
+                    value *= a[j, idx[j]]
+                    tap_cell[t, learned_axes[j]] = idx[j]
+                for q in range(dense_axes.shape[0]):
+                    tap_cell[t, dense_axes[q]] = dense_cells[d, q]
+                tap_val[t] = value
+                t += 1
+                if not _advance(idx, lo, hi, m):
+                    break
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _merge_taps(pair_start, cell, value, strides, n_cells, merged_cell, merged_value, n_merged, local_of_tap, n_chunks):
+    """Per channel pair ``q``, the distinct cells of its taps in order of first appearance, each
+    with the sum of their values: ``merged_cell``, ``merged_value`` at ``[pair_start[q],
+    pair_start[q] + n_merged[q])``; ``local_of_tap[t]``: the index of tap ``t``'s cell among
+    them. ``strides``: C-order strides of the kernel (``n_cells`` cells)."""
+    n_pairs = pair_start.shape[0] - 1
+    n_axes = cell.shape[1]
+    for chunk in prange(n_chunks):
+        slot = np.full(n_cells, -1, np.int64)  # a cell's index among the pair's distinct cells
+        for q in range(chunk * n_pairs // n_chunks, (chunk + 1) * n_pairs // n_chunks):
+            first = pair_start[q]
+            n = 0
+            for t in range(first, pair_start[q + 1]):
+                flat = 0
+                for a in range(n_axes):
+                    flat += cell[t, a] * strides[a]
+                at = slot[flat]
+                if at < 0:
+                    at = n
+                    slot[flat] = n
+                    n += 1
+                    for a in range(n_axes):
+                        merged_cell[first + at, a] = cell[t, a]
+                    merged_value[first + at] = 0.0
+                merged_value[first + at] += value[t]
+                local_of_tap[t] = at
+            for u in range(first, first + n):  # slots back to -1 for the next pair
+                flat = 0
+                for a in range(n_axes):
+                    flat += merged_cell[u, a] * strides[a]
+                slot[flat] = -1
+            n_merged[q] = n
 
 
 #: widest run of the flattened output a task accumulates at once (floats; a few KiB, in L1)
@@ -255,7 +427,7 @@ def _pair_taps(
         t += group
 
 
-@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _gather(
     src, dst, pair_start, cell, value, transposed, group_in, group_out, base, sign, data_lo, data_hi,
     wide, extent, out_shape, out_step,
@@ -421,7 +593,7 @@ def _dot1(gy, at, x, o0, n, zero):
     return a0
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False, error_model="numpy")
 def _tap_grads(
     flat_gy, flat_x, g_at, g_step, x_at, x_step, n_outer, inner, t, end, cell, base, sign, wide, data_lo, data_hi,
     extent, grad_tap, zero,
@@ -500,37 +672,39 @@ def _c_strides(shape):
 
 @njit(cache=True, parallel=True, nogil=True)
 def _grad_elements(
-    kind, normalised, gy, x, inner, weight, positions, sigma, sizes, radius, start, cell, origin, wide, data_lo,
-    data_hi, extent, group_in, group_out, grad_tap, grad_w, grad_p, grad_s, n_chunks, zero,
+    kind, normalised, gy, x, inner, weight, positions, sigma, sizes, radius, start, pairs, cells, cell_of_tap, origin,
+    wide, data_lo, data_hi, extent, group_in, group_out, grad_cells, grad_tap, grad_w, grad_p, grad_s, n_chunks, zero,
 ):  # fmt: skip
-    """Per channel pair: ``dL/dK`` at each tap (the correlation of the output gradient with the
-    tap's input window over the batch, :func:`_tap_grads`) into ``grad_tap``, then each
-    element's chain rule. ``gy``: output gradient on the wide grid, ``x``: padded input, planes
-    of :func:`_embed` (``(batch // inner, channels, cells * inner)``).
-    One task per chunk of output channels (``n_chunks`` at most the output channels)."""
-    m = positions.shape[0]
-    n_out = positions.shape[1] // group_in
-    width = 1
-    for j in range(m):
-        width = max(width, sizes[j])
+    """Per channel pair: ``dL/dK`` at each of its cells (the correlation of the output gradient
+    with the cell's input window over the batch, :func:`_tap_grads`; pair ``q``'s cells
+    ``cells[pairs[q]:pairs[q + 1]]``) into ``grad_cells``, then at each tap into ``grad_tap``
+    (``grad_cells[cell_of_tap[t]]``, or the same array if ``cell_of_tap`` is empty: the cells
+    are the taps, :meth:`_Taps._merge`), then each element's chain rule. ``gy``: output
+    gradient on the wide grid, ``x``: padded input, planes of :func:`_embed` (``(batch //
+    inner, channels, cells * inner)``). One task per chunk of output channels (``n_chunks`` at
+    most the output channels)."""
+    m, n_pairs, n_dense, count = positions.shape
+    n_out = n_pairs // group_in
+    n_elements = n_pairs * n_dense * count
     for chunk in prange(n_chunks):  # scratch per chunk of output channels, not per pair
         _grad_chunk(
-            kind, normalised, gy, x, inner, weight, positions, sigma, sizes, radius, start, cell, origin, wide,
-            data_lo, data_hi, extent, group_in, group_out, grad_tap, grad_w, grad_p, grad_s, zero,
-            chunk * n_out // n_chunks, (chunk + 1) * n_out // n_chunks,
-            np.empty((m, width)), np.empty((m, width)), np.empty((m, width)), np.empty((3, m)),
-            np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m), np.empty(m),
+            kind, normalised, gy, x, inner, weight.reshape(n_elements, 1, 1), positions.reshape(m, n_elements, 1, 1),
+            sigma.reshape(m, n_elements, 1, 1), n_dense * count, sizes, radius, start, pairs, cells, cell_of_tap, origin,
+            wide, data_lo, data_hi, extent, group_in, group_out, grad_cells, grad_tap, grad_w.reshape(n_elements, 1, 1),
+            grad_p.reshape(m, n_elements, 1, 1), grad_s.reshape(m, n_elements, 1, 1), zero, chunk * n_out // n_chunks,
+            (chunk + 1) * n_out // n_chunks, _chain_scratch(m, sizes), _row_scratch(m),
         )  # fmt: skip
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False, error_model="numpy")
 def _grad_chunk(
-    kind, normalised, gy, x, inner, weight, positions, sigma, sizes, radius, start, cell, origin, wide, data_lo,
-    data_hi, extent, group_in, group_out, grad_tap, grad_w, grad_p, grad_s, zero, o0, o1, a_, da_dp, da_ds, sums,
-    lo, hi, box, at, u, v,
+    kind, normalised, gy, x, inner, weight, positions, sigma, per_pair, sizes, radius, start, pairs, cells, cell_of_tap,
+    origin, wide, data_lo, data_hi, extent, group_in, group_out, grad_cells, grad_tap, grad_w, grad_p, grad_s, zero, o0,
+    o1, scratch, rows,
 ):  # fmt: skip
-    """:func:`_grad_elements` for the output channels ``[o0, o1)``, with scratch from ``a_`` on."""
-    m, _, n_dense, count = positions.shape
+    """:func:`_grad_elements` for the output channels ``[o0, o1)`` (element arrays viewed
+    ``(M, E, 1, 1)``, ``per_pair`` elements per channel pair), with scratch ``scratch``
+    (:func:`_chain_scratch`) and ``rows`` (:func:`_row_scratch`)."""
     n_outer, _, g_plane = gy.shape
     x_plane = x.shape[2]
     flat_gy = gy.reshape(-1)  # (once per chunk: a reshape calls into Numba's runtime)
@@ -542,29 +716,59 @@ def _grad_chunk(
             pair = o * group_in + j
             _tap_grads(
                 flat_gy, flat_x, o * g_plane, gy.shape[1] * g_plane, (first_input + j) * x_plane,
-                x.shape[1] * x_plane, n_outer, inner, start[pair * n_dense * count],
-                start[(pair + 1) * n_dense * count], cell, origin, 1, wide, data_lo, data_hi, extent, grad_tap, zero,
+                x.shape[1] * x_plane, n_outer, inner, pairs[pair], pairs[pair + 1], cells, origin, 1, wide, data_lo,
+                data_hi, extent, grad_cells, zero,
             )  # fmt: skip
-            _pair_chain_rule(
-                kind, normalised, weight, positions, sigma, sizes, radius, start, pair, grad_tap, grad_w, grad_p, grad_s,
-                a_, da_dp, da_ds, sums, lo, hi, box, at, u, v,
-            )  # fmt: skip
+        if cell_of_tap.shape[0]:
+            for t in range(start[o * group_in * per_pair], start[(o + 1) * group_in * per_pair]):
+                grad_tap[t] = grad_cells[cell_of_tap[t]]
+        _chain_range(
+            kind, normalised, weight, positions, sigma, sizes, radius, start, o * group_in * per_pair,
+            (o + 1) * group_in * per_pair, grad_tap, grad_w, grad_p, grad_s, scratch, rows,
+        )  # fmt: skip
 
 
 @njit(cache=True, inline="always")
-def _pair_chain_rule(
-    kind, normalised, weight, positions, sigma, sizes, radius, start, pair, grad_tap, grad_w, grad_p, grad_s, a_, da_dp,
-    da_ds, sums, lo, hi, box, at, u, v,
+def _chain_scratch(m, sizes):
+    """Scratch of :func:`ndcls.kernels.cpu._element_chain`: profile rows, sums, boxes, gradients."""
+    width = 1
+    for j in range(m):
+        width = max(width, sizes[j])
+    return (
+        np.empty((m, width)), np.empty((m, width)), np.empty((m, width)), np.empty((3, m)), np.empty(m, np.int64),
+        np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m), np.empty(m),
+    )
+
+
+@njit(cache=True, inline="always")
+def _chain_range(
+    kind, normalised, weight, positions, sigma, sizes, radius, start, e_lo, e_hi, grad_tap, grad_w, grad_p, grad_s,
+    scratch, rows,
 ):  # fmt: skip
-    """The chain rule of every element of channel pair ``pair``, from ``dL/dK`` at its taps
-    (``grad_tap``): :func:`ndcls.kernels.cpu._element_chain`."""
-    _, _, n_dense, count = positions.shape
-    for d in range(n_dense):
-        for c in range(count):
-            _element_chain(
-                kind, normalised, grad_tap, start[(pair * n_dense + d) * count + c], box, True, weight, positions,
-                sigma, pair, d, c, sizes, radius, a_, da_dp, da_ds, sums, lo, hi, at, u, v, grad_w, grad_p, grad_s,
-            )  # fmt: skip
+    """The chain rule of the elements ``[e_lo, e_hi)`` (arrays viewed ``(M, E, 1, 1)``) from
+    ``dL/dK`` at their taps (``grad_tap``): :func:`ndcls.kernels.cpu._element_chain`, the
+    Gaussian profiles a block at a time (:func:`_block_rows`)."""
+    a_, da_dp, da_ds, sums, lo, hi, box, at, u, v = scratch
+    for e0 in range(e_lo, e_hi, ROW_BLOCK):
+        n = min(ROW_BLOCK, e_hi - e0)
+        in_block = _block_rows(kind, positions, sigma, sizes, radius, e0, n, True, rows)
+        one_row = in_block and positions.shape[0] == 1
+        if one_row:
+            _row_chain(kind, grad_tap, start, e0, n, weight, sigma, rows[0], grad_w, grad_p, grad_s)
+        for e in range(e0, e0 + n):
+            if one_row and rows[0, _WIDTH * ROW_BLOCK + e - e0] > 0.0:
+                continue
+            z = _lane_profiles(rows, e - e0, start[e + 1] - start[e], True, a_, da_dp, da_ds, sums, lo, hi) if in_block else 0.0
+            if z > 0.0:
+                _chain_from_profiles(
+                    kind, normalised, grad_tap, start[e], box, True, weight, sigma, e, 0, 0, z, a_, da_dp, da_ds, sums,
+                    lo, hi, at, u, v, grad_w, grad_p, grad_s,
+                )  # fmt: skip
+            else:
+                _element_chain(
+                    kind, normalised, grad_tap, start[e], box, True, weight, positions, sigma, e, 0, 0, sizes, radius,
+                    a_, da_dp, da_ds, sums, lo, hi, at, u, v, grad_w, grad_p, grad_s,
+                )  # fmt: skip
 
 
 # -- host side ----------------------------------------------------------------------------------------
@@ -634,6 +838,11 @@ class _Scratch(threading.local, _Buffers):
 _SCRATCH = _Scratch()
 
 
+#: the distinct cells of each channel pair's taps replace the taps in the gathers and dot
+#: products where there are at most this fraction of them (:meth:`_Taps._merge`)
+MERGE_BELOW = 0.9
+
+
 def _uninitialised(buffers, role, shape, dtype):
     """Storage every tap slot is written into (tests poison it to prove that)."""
     return buffers.empty(role, shape, dtype)
@@ -677,6 +886,36 @@ class _Taps:
             np.array(k.learned_dims, dtype=np.int64), dense, np.ascontiguousarray(cells, dtype=np.int64),
             self.radius, self.start, self.cell, self.value, self.n_chunks,
         )  # fmt: skip
+        self._merge(k, buffers)
+
+    def _merge(self, k, buffers):
+        """The cells the gathers and dot products visit: the taps' own (``pairs``, ``cells``,
+        ``values``), or, where the elements of a channel pair share cells (overlapping
+        Gaussians, bilinear corners: ConvNeXt's 34 elements have 136 taps on about 108
+        distinct cells), each pair's distinct cells with summed values (:func:`_merge_taps`),
+        ``cell_of_tap[t]`` the index of tap ``t``'s cell among them (else None)."""
+        self.pairs, self.cells, self.values, self.cell_of_tap = self.pair_start, self.cell, self.value, None
+        n_taps = self.value.shape[0]
+        if k.n_dense * k.count == 1 or n_taps == 0:  # one element per pair: its taps are distinct cells
+            return
+        sizes = np.array(k.sizes, dtype=np.int64)
+        cell = _SCRATCH.empty("merged_cell", self.cell.shape, np.int64)
+        value = _SCRATCH.empty("merged_value", n_taps, k.dtype)
+        local = _SCRATCH.empty("cell_of_tap", n_taps, np.int64)
+        n_merged = np.empty(len(self.pair_start) - 1, np.int64)
+        _merge_taps(self.pair_start, self.cell, self.value, _c_strides(sizes), math.prod(k.sizes), cell, value, n_merged, local, self.n_chunks)
+        if n_merged.sum() > MERGE_BELOW * n_taps:
+            return
+        per_pair = np.diff(self.pair_start)
+        keep = np.arange(n_taps) - np.repeat(self.pair_start[:-1], per_pair) < np.repeat(n_merged, per_pair)
+        self.pairs = buffers.empty("merged_pairs", len(self.pair_start), np.int64)
+        self.pairs[0] = 0
+        np.cumsum(n_merged, out=self.pairs[1:])
+        n_cells = int(self.pairs[-1])
+        self.cells = np.compress(keep, cell, axis=0, out=buffers.empty("merged_cells", (n_cells, k.ndim), np.int64))
+        self.values = np.compress(keep, value, out=buffers.empty("merged_values", n_cells, k.dtype))
+        self.cell_of_tap = buffers.empty("cell_of_tap", n_taps, np.int64)
+        np.add(local, np.repeat(self.pairs[:-1], per_pair), out=self.cell_of_tap)
 
 
 def _same(a, b):
@@ -706,20 +945,25 @@ class _TapsMemo(threading.local):
     building them again would give.
 
     An entry owns its buffers, counted at their full size against MEMO_BYTES; an entry larger
-    than that is not kept, and nothing else outlives its entry. A new entry that would not fit
-    takes the buffers of the least recently used entry of the same kernel (the same layer at
-    an earlier step: same shapes), so that steady training faults in no fresh pages."""
+    than that is not kept, and nothing else outlives its entry. An entry a backward has used
+    (``spent``: in training, its parameters are about to change) gives its buffers to the next
+    new entry of its kernel (the same layer at the next step: same shapes), and so does,
+    where a new entry would not fit, the least recently used entry of that kernel: training
+    faults in fresh pages for one entry per layer, not until the memo is full."""
 
     def __init__(self):
         self.entries = []  # most recent first: (kernel spec, weight, positions, sigma, taps, buffers)
 
-    def taps(self, spec, weight, positions, sigma):
+    def taps(self, spec, weight, positions, sigma, backward=False):
+        """The taps of a call; ``backward``: for ``conv_grad``, after which they are spent."""
         for i, (kernel, w, p, s, taps, _) in enumerate(self.entries):
             if kernel == spec.kernel and _same(w, weight) and _same(p, positions) and _same(s, sigma):
                 self.entries.insert(0, self.entries.pop(i))
+                taps.spent = taps.spent or backward
                 return taps
         buffers = self._recycled(spec.kernel)
         taps = _Taps(spec, weight, positions, sigma, buffers)
+        taps.spent = backward
         keys = tuple(None if a is None else buffers.copy(f"key {i}", a) for i, a in enumerate((weight, positions, sigma)))
         if buffers.nbytes <= MEMO_BYTES:
             self.entries.insert(0, (spec.kernel, *keys, taps, buffers))
@@ -728,8 +972,12 @@ class _TapsMemo(threading.local):
         return taps
 
     def _recycled(self, kernel):
-        """Buffers for a new entry: those of the least recently used entry of ``kernel``, taken
-        out of the memo, where one more entry of its size would not fit; else new ones."""
+        """Buffers for a new entry: those of the least recently used spent entry of ``kernel``,
+        or, where one more entry of its size would not fit, of its least recently used entry,
+        taken out of the memo; else new ones."""
+        for i in range(len(self.entries) - 1, -1, -1):
+            if self.entries[i][0] == kernel and self.entries[i][4].spent:
+                return self.entries.pop(i)[5]
         for i in range(len(self.entries) - 1, -1, -1):
             if self.entries[i][0] == kernel:
                 if len(self.entries) >= MEMO_ENTRIES or self.nbytes + self.entries[i][5].nbytes > MEMO_BYTES:
@@ -748,10 +996,10 @@ class _TapsMemo(threading.local):
 _MEMO = _TapsMemo()
 
 
-def _taps(spec, weight, positions, sigma):
+def _taps(spec, weight, positions, sigma, backward=False):
     """The taps of a call (:class:`_TapsMemo`)."""
     with threads_for(_element_work(spec)):
-        return _MEMO.taps(spec, weight, positions, sigma)
+        return _MEMO.taps(spec, weight, positions, sigma, backward)
 
 
 class _Grid:
@@ -861,7 +1109,7 @@ def _interleaved(spec, grid):
 
 def _work(spec, taps, extent):
     """Multiply-adds of one pass over every tap (upper estimate: whole wide grid per tap)."""
-    return taps.value.shape[0] * spec.batch * extent + spec.kernel.n_batch * spec.kernel.n_dense * spec.kernel.count
+    return taps.values.shape[0] * spec.batch * extent + spec.kernel.n_batch * spec.kernel.n_dense * spec.kernel.count
 
 
 #: operations per element of building its taps (profiles, a few exp for gauss), for :func:`threads_for`
@@ -972,17 +1220,15 @@ def _conv_grad_shared(spec, grid, shared, grad_output, input, sigma):
     return grad_input, grad_w, grad_p.reshape(shape), None if sigma is None else grad_s.reshape(shape)
 
 
-@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _chain_rule(kind, normalised, weight, positions, sigma, sizes, radius, start, grad_tap, grad_w, grad_p, grad_s):
-    """:func:`_pair_chain_rule` of the one channel pair of ``positions`` ``(M, 1, D, C)``."""
-    m = positions.shape[0]
-    width = 1
-    for j in range(m):
-        width = max(width, sizes[j])
-    _pair_chain_rule(
-        kind, normalised, weight, positions, sigma, sizes, radius, start, 0, grad_tap, grad_w, grad_p, grad_s,
-        np.empty((m, width)), np.empty((m, width)), np.empty((m, width)), np.empty((3, m)), np.empty(m, np.int64),
-        np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m), np.empty(m),
+    """:func:`_chain_range` of the one channel pair of ``positions`` ``(M, 1, D, C)``."""
+    m, _, n_dense, count = positions.shape
+    n = n_dense * count
+    _chain_range(
+        kind, normalised, weight.reshape(n, 1, 1), positions.reshape(m, n, 1, 1), sigma.reshape(m, n, 1, 1), sizes,
+        radius, start, 0, n, grad_tap, grad_w.reshape(n, 1, 1), grad_p.reshape(m, n, 1, 1), grad_s.reshape(m, n, 1, 1),
+        _chain_scratch(m, sizes), _row_scratch(m),
     )  # fmt: skip
 
 
@@ -996,7 +1242,7 @@ def conv(spec, input, weight, positions, sigma, out=None):
     taps = _taps(spec, weight, positions, sigma)
     with threads_for(_work(spec, taps, grid.extent)):
         _gather(
-            grid.padded_input(input, _interleaved(spec, grid)), _planes(out), taps.pair_start, taps.cell, taps.value, False,
+            grid.padded_input(input, _interleaved(spec, grid)), _planes(out), taps.pairs, taps.cells, taps.values, False,
             spec.group_in, spec.group_out, *grid.forward_taps(), grid.wide, grid.extent, grid.out, grid.stride,
         )  # fmt: skip
     return out
@@ -1013,7 +1259,7 @@ def _grad_input(spec, grid, taps, grad_output):
     grad_input = np.empty(spec.input_shape, dtype=spec.dtype)
     source = _embed("grad_padded", grad_output, padded, margin, grid.stride, _interleaved(spec, grid))
     _gather(
-        source, _planes(grad_input), taps.pair_start, taps.cell, taps.value, True, spec.group_in, spec.group_out,
+        source, _planes(grad_input), taps.pairs, taps.cells, taps.values, True, spec.group_in, spec.group_out,
         grid.pad + margin, -1, margin[0], margin[0] + grid.full[0], wide, extent, grid.spatial, np.ones_like(grid.stride),
     )  # fmt: skip
     return grad_input
@@ -1025,10 +1271,13 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
     if shared is not None:
         return _conv_grad_shared(spec, grid, shared, grad_output, input, sigma)
     k = spec.kernel
-    taps = _taps(spec, weight, positions, sigma)
+    taps = _taps(spec, weight, positions, sigma, backward=True)
     with threads_for(_work(spec, taps, grid.extent)):
         grad_input = _grad_input(spec, grid, taps, grad_output)
         grad_tap = _SCRATCH.empty("grad_tap", taps.value.shape[:1], np.float64)
+        merged = taps.cell_of_tap is not None
+        grad_cells = _SCRATCH.empty("grad_cells", taps.values.shape[:1], np.float64) if merged else grad_tap
+        cell_of_tap = taps.cell_of_tap if merged else np.empty(0, np.int64)
         grad_w = np.empty((k.n_batch, k.n_dense, k.count), dtype=spec.dtype)
         grad_p = np.empty(taps.positions.shape, dtype=spec.dtype)
         grad_s = np.empty(taps.positions.shape, dtype=spec.dtype)
@@ -1037,8 +1286,8 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
         _grad_elements(
             taps.kind, taps.normalised, grid.wide_output(grad_output, interleaved),
             grid.padded_input(input, interleaved), spec.batch if interleaved else 1, taps.weight, taps.positions, taps.sigma,
-            taps.sizes, taps.radius, taps.start, taps.cell, base, grid.wide, data_lo, data_hi, grid.extent,
-            spec.group_in, spec.group_out, grad_tap, grad_w, grad_p, grad_s,
+            taps.sizes, taps.radius, taps.start, taps.pairs, taps.cells, cell_of_tap, base, grid.wide, data_lo, data_hi,
+            grid.extent, spec.group_in, spec.group_out, grad_cells, grad_tap, grad_w, grad_p, grad_s,
             _chunks(spec.out_channels), spec.dtype.type(0),
         )  # fmt: skip
     return (

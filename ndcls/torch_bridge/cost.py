@@ -25,9 +25,10 @@ docs/torch.md ("Choosing the route") records the run and the rule used to set th
 choice can be checked against measurement with ``ndcls bench --sections conv``, which prints the
 route "auto" picks next to the measured times.
 
-CUDA tensors use :data:`GPU_RATES` (construct + cuDNN against the cupy backend's direct
-convolution, measured on an H100), with the direct route's taps counted merged per channel pair
-(the GPU kernels list each touched cell of a row once). "auto" never picks the direct route where
+The direct route's taps are counted merged per channel pair, so at most the kernel's cells:
+both the CPU kernels (where a pair's elements share cells) and the GPU kernels gather each
+touched cell of a channel pair once. CUDA tensors use :data:`GPU_RATES` (construct + cuDNN
+against the cupy backend's direct convolution, measured on an H100). "auto" never picks the direct route where
 the layer cannot use it as is: where the default backend has no ``conv``
 (:func:`direct_available`), with a non-zero ``padding_mode`` (the input would be padded by copy
 first) and for ``Dcls2dK1d``'s reshaped kernel.
@@ -76,8 +77,7 @@ RATES = Rates(
 
 #: The same rates for CUDA tensors (construct + cuDNN against the cupy backend's direct
 #: convolution), calibrated by ``python benchmarks/bench_gpu.py`` on an H100 (docs/benchmarks.md,
-#: "Direct convolution on the GPU"). On the GPU the direct route lists each row's touched cells
-#: once (merged), so its work per row is at most the kernel's cells (:func:`estimate`).
+#: "Direct convolution on the GPU").
 GPU_RATES = Rates(
     dense_depthwise=4.64e11,
     dense_mixing=1.69e13,
@@ -136,8 +136,8 @@ def estimate(
 
     ``width`` is the mean effective width of the elements (triangle, gauss); ``sizes`` are the N
     kernel sizes and ``learned_dims`` the M learned axes (the others are dense). ``device``
-    ("cpu" or "cuda") picks the default rates and, on CUDA, counts the direct route's taps per
-    channel pair merged (at most the kernel's cells).
+    ("cpu" or "cuda") picks the default rates. The direct route's taps per channel pair are
+    counted merged: at most the kernel's cells.
     """
     if rates is None:
         rates = GPU_RATES if device == "cuda" else RATES
@@ -154,9 +154,7 @@ def estimate(
     taps = taps_per_element(interpolation, learned, width, dtype)
     elements = out_channels * in_per_group * dense * count
     work_dense = points * cells
-    work_direct = points * dense * count * taps
-    if device == "cuda":
-        work_direct = min(work_direct, work_dense)
+    work_direct = min(points * dense * count * taps, work_dense)
     mixing = in_per_group > 1
     t_construct = (rates.call_construct + elements * taps * rates.construct_per_element
                    + work_dense / (rates.dense_mixing if mixing else rates.dense_depthwise))
