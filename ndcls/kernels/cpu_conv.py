@@ -839,8 +839,11 @@ _SCRATCH = _Scratch()
 
 
 #: the distinct cells of each channel pair's taps replace the taps in the gathers and dot
-#: products where there are at most this fraction of them (:meth:`_Taps._merge`)
+#: products where there are at most this fraction of them (:meth:`_Taps._merge`) ...
 MERGE_BELOW = 0.9
+#: ... looked for where the pairs have at least this many taps per kernel cell (fewer seldom
+#: share a cell, and the search visits a slot per kernel cell)
+MERGE_MIN_DENSITY = 1 / 16
 
 
 def _uninitialised(buffers, role, shape, dtype):
@@ -896,14 +899,15 @@ class _Taps:
         ``cell_of_tap[t]`` the index of tap ``t``'s cell among them (else None)."""
         self.pairs, self.cells, self.values, self.cell_of_tap = self.pair_start, self.cell, self.value, None
         n_taps = self.value.shape[0]
-        if k.n_dense * k.count == 1 or n_taps == 0:  # one element per pair: its taps are distinct cells
-            return
+        n_cells = math.prod(k.sizes)
+        if n_taps == 0 or k.n_dense * k.count == 1 or n_taps < MERGE_MIN_DENSITY * n_cells * k.n_batch:
+            return  # one element per pair (its taps are distinct cells), or too few taps to share cells
         sizes = np.array(k.sizes, dtype=np.int64)
         cell = _SCRATCH.empty("merged_cell", self.cell.shape, np.int64)
         value = _SCRATCH.empty("merged_value", n_taps, k.dtype)
         local = _SCRATCH.empty("cell_of_tap", n_taps, np.int64)
         n_merged = np.empty(len(self.pair_start) - 1, np.int64)
-        _merge_taps(self.pair_start, self.cell, self.value, _c_strides(sizes), math.prod(k.sizes), cell, value, n_merged, local, self.n_chunks)
+        _merge_taps(self.pair_start, self.cell, self.value, _c_strides(sizes), n_cells, cell, value, n_merged, local, self.n_chunks)
         if n_merged.sum() > MERGE_BELOW * n_taps:
             return
         per_pair = np.diff(self.pair_start)
