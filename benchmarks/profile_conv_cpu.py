@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     print(f"threads: {numba.get_num_threads()}; ms, median of {args.repeats} calls; "
           "conv = taps + padding + forward gather; conv_grad = taps + input gradient (its gather and padding "
           "included) + dL/dK and chain rule (`_grad_elements`) + padding")
-    print("| case | interp | conv: taps | conv: gather | conv total | grad: taps | grad: grad_input | grad: dL/dK + chain rule | conv_grad total |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | interp | taps / cells gathered | conv: taps | conv: gather | conv total | grad: taps | grad: grad_input | grad: dL/dK + chain rule | conv_grad total |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for case in CASES:
         x, w, p, s, sizes, kw = case_arrays(case, rng)
@@ -58,6 +58,8 @@ def main(argv=None) -> int:
         y = ndcls.conv(x, w, p, sizes, **kw)
         gy = rng.standard_normal(y.shape, dtype=np.float32)
         ndcls.conv_grad(gy, x, w, p, sizes, **kw)  # compile and warm
+        taps = cpu_conv._MEMO.entries[0][4]  # the call's taps, and the cells the gathers visit (shared cells merged)
+        counts = f"{len(taps.value):,} / {len(taps.values):,}"
         rows = {"conv": [], "grad": []}
         for _ in range(args.repeats):
             w = w * np.float32(1 + 2**-20)  # new weights each step, as in training: conv builds the taps, conv_grad reuses them
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         def med(phase, key):
             return statistics.median(r.get(key, 0.0) for r in rows[phase]) * 1e3
 
-        print(f"| {case.name} {case.input_shape} | {interp} | {med('conv', '_taps'):.2f} | {med('conv', '_gather'):.2f} | "
+        print(f"| {case.name} {case.input_shape} | {interp} | {counts} | {med('conv', '_taps'):.2f} | {med('conv', '_gather'):.2f} | "
               f"{med('conv', 'total'):.2f} | {med('grad', '_taps'):.2f} | {med('grad', '_grad_input'):.2f} | "
               f"{med('grad', '_grad_elements'):.2f} | {med('grad', 'total'):.2f} |", flush=True)
     return 0

@@ -369,31 +369,17 @@ def _gauss_rows(positions, sigma, j, e0, n, size, radius, with_grad, r):
         s = float(sigma[j, min(e0 + i, last), 0, 0])
         ok = (abs(p) <= 1e300) & (s >= 1e-140) & (s <= 1e300) & (i < n)
         r[_lane(_P * B + i)] = p if ok else 0.0
-    for i in range(B):
-        p = float(positions[j, min(e0 + i, last), 0, 0])
-        s = float(sigma[j, min(e0 + i, last), 0, 0])
-        ok = (abs(p) <= 1e300) & (s >= 1e-140) & (s <= 1e300) & (i < n)
         r[_lane(_S * B + i)] = s if ok else -1.0
     for i in range(B):
         r[_lane(_INV_S * B + i)] = 1.0 / r[_lane(_S * B + i)]
-    for i in range(B):  # the cut support, as in _element.cut_support
+    for i in range(B):  # the cut support: _element.cut_support, the counting pass's
         p = r[_lane(_P * B + i)]
         s = r[_lane(_S * B + i)]
-        nearest = math.floor(min(max(p, 0.0), size - 1.0) + 0.5)
-        gap = abs(p - nearest)
-        reach = math.sqrt((radius * s) * (radius * s) + gap * gap)
-        first = min(max(math.ceil(min(max(p - reach, -2.0), size + 1.0)), 0.0), float(size))
-        r[_lane(_LO * B + i)] = first
-    for i in range(B):
-        p = r[_lane(_P * B + i)]
-        s = r[_lane(_S * B + i)]
-        nearest = math.floor(min(max(p, 0.0), size - 1.0) + 0.5)
-        gap = abs(p - nearest)
-        reach = math.sqrt((radius * s) * (radius * s) + gap * gap)
-        last_cell = min(max(math.floor(min(max(p + reach, -2.0), size + 1.0)) + 1.0, 0.0), float(size))
-        width = last_cell - r[_lane(_LO * B + i)]
-        regular = (s > 0.0) & (gap <= ROW_GAP * s) & (width >= 1.0) & (width <= ROW_WIDEST)
-        r[_lane(_WIDTH * B + i)] = width if regular else 0.0
+        lo, hi = _cut_support(_element.GAUSS, p, s, size, radius)
+        gap = abs(p - math.floor(min(max(p, 0.0), size - 1.0) + 0.5))
+        regular = (s > 0.0) & (gap <= ROW_GAP * s) & (hi - lo >= 1) & (hi - lo <= ROW_WIDEST)
+        r[_lane(_LO * B + i)] = float(lo)
+        r[_lane(_WIDTH * B + i)] = float(hi - lo) if regular else 0.0
     widest = 0.0
     for i in range(B):
         widest = max(widest, r[_lane(_WIDTH * B + i)])

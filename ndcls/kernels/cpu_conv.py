@@ -80,17 +80,27 @@ def _fill_taps(kind, normalised, weight, positions, sigma, sizes, learned_axes, 
     box in C order (row 0 of ``positions`` slowest)."""
     m, n_batch, n_dense, count = positions.shape
     n_elements = n_batch * n_dense * count
-    width = 1
-    for j in range(m):
-        width = max(width, sizes[j])
     for chunk in prange(n_chunks):  # scratch per chunk of channel pairs, not per pair
         b0, b1 = chunk * n_batch // n_chunks, (chunk + 1) * n_batch // n_chunks
         _fill_taps_chunk(
             kind, normalised, weight.reshape(n_elements, 1, 1), positions.reshape(m, n_elements, 1, 1),
             sigma.reshape(m, n_elements, 1, 1), n_dense, count, sizes, learned_axes, dense_axes, dense_cells, radius,
-            start, tap_cell, tap_val, b0 * n_dense * count, b1 * n_dense * count, np.empty((m, width)), np.empty((3, m)),
-            np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), _row_scratch(m),
+            start, tap_cell, tap_val, b0 * n_dense * count, b1 * n_dense * count, _element_scratch(m, sizes),
+            _row_scratch(m),
         )  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _element_scratch(m, sizes):
+    """Scratch of the per-element path (:func:`ndcls.kernels.cpu._profiles`, ``_element_chain``):
+    profile rows ``a``, ``da_dp``, ``da_ds``, ``sums``, ``lo``, ``hi``, strides, odometer, ``u``, ``v``."""
+    width = 1
+    for j in range(m):
+        width = max(width, sizes[j])
+    return (
+        np.empty((m, width)), np.empty((m, width)), np.empty((m, width)), np.empty((3, m)), np.empty(m, np.int64),
+        np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m), np.empty(m),
+    )
 
 
 @njit(cache=True, inline="always")
@@ -213,11 +223,12 @@ def _lane_profiles(rows, i, n_taps, with_grad, a, da_dp, da_ds, sums, lo, hi):
 @njit(cache=True, nogil=True, fastmath=_FASTMATH, _nrt=False, error_model="numpy")
 def _fill_taps_chunk(
     kind, normalised, weight, positions, sigma, n_dense, count, sizes, learned_axes, dense_axes, dense_cells, radius,
-    start, tap_cell, tap_val, e_lo, e_hi, a, sums, lo, hi, idx, rows,
+    start, tap_cell, tap_val, e_lo, e_hi, scratch, rows,
 ):  # fmt: skip
     """:func:`_fill_taps` for the elements ``[e_lo, e_hi)`` (element arrays viewed ``(M, E, 1, 1)``),
-    with scratch ``a``, ``sums``, ``lo``, ``hi``, ``idx``, ``rows``: a block of Gaussian rows at a
-    time (:func:`_block_rows`), else element by element."""
+    with scratch ``scratch`` (:func:`_element_scratch`) and ``rows`` (:func:`_row_scratch`): a
+    block of Gaussian rows at a time (:func:`_block_rows`), else element by element."""
+    a, _, _, sums, lo, hi, _, idx, _, _ = scratch
     m = positions.shape[0]
     for e0 in range(e_lo, e_hi, ROW_BLOCK):
         n = min(ROW_BLOCK, e_hi - e0)
@@ -259,6 +270,15 @@ def _fill_taps_chunk(
                     break
 
 
+@njit(cache=True, inline="always")
+def _flat_cell(cell, t, strides):
+    """C-order flat index of the kernel cell ``cell[t]`` (``strides``: the kernel's)."""
+    flat = 0
+    for a in range(cell.shape[1]):
+        flat += cell[t, a] * strides[a]
+    return flat
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def _merge_taps(pair_start, cell, value, strides, n_cells, merged_cell, merged_value, n_merged, local_of_tap, n_chunks):
     """Per channel pair ``q``, the distinct cells of its taps in order of first appearance, each
@@ -273,9 +293,7 @@ def _merge_taps(pair_start, cell, value, strides, n_cells, merged_cell, merged_v
             first = pair_start[q]
             n = 0
             for t in range(first, pair_start[q + 1]):
-                flat = 0
-                for a in range(n_axes):
-                    flat += cell[t, a] * strides[a]
+                flat = _flat_cell(cell, t, strides)
                 at = slot[flat]
                 if at < 0:
                     at = n
@@ -287,10 +305,7 @@ def _merge_taps(pair_start, cell, value, strides, n_cells, merged_cell, merged_v
                 merged_value[first + at] += value[t]
                 local_of_tap[t] = at
             for u in range(first, first + n):  # slots back to -1 for the next pair
-                flat = 0
-                for a in range(n_axes):
-                    flat += merged_cell[u, a] * strides[a]
-                slot[flat] = -1
+                slot[_flat_cell(merged_cell, u, strides)] = -1
             n_merged[q] = n
 
 
@@ -692,7 +707,7 @@ def _grad_elements(
             sigma.reshape(m, n_elements, 1, 1), n_dense * count, sizes, radius, start, pairs, cells, cell_of_tap, origin,
             wide, data_lo, data_hi, extent, group_in, group_out, grad_cells, grad_tap, grad_w.reshape(n_elements, 1, 1),
             grad_p.reshape(m, n_elements, 1, 1), grad_s.reshape(m, n_elements, 1, 1), zero, chunk * n_out // n_chunks,
-            (chunk + 1) * n_out // n_chunks, _chain_scratch(m, sizes), _row_scratch(m),
+            (chunk + 1) * n_out // n_chunks, _element_scratch(m, sizes), _row_scratch(m),
         )  # fmt: skip
 
 
@@ -704,7 +719,7 @@ def _grad_chunk(
 ):  # fmt: skip
     """:func:`_grad_elements` for the output channels ``[o0, o1)`` (element arrays viewed
     ``(M, E, 1, 1)``, ``per_pair`` elements per channel pair), with scratch ``scratch``
-    (:func:`_chain_scratch`) and ``rows`` (:func:`_row_scratch`)."""
+    (:func:`_element_scratch`) and ``rows`` (:func:`_row_scratch`)."""
     n_outer, _, g_plane = gy.shape
     x_plane = x.shape[2]
     flat_gy = gy.reshape(-1)  # (once per chunk: a reshape calls into Numba's runtime)
@@ -726,18 +741,6 @@ def _grad_chunk(
             kind, normalised, weight, positions, sigma, sizes, radius, start, o * group_in * per_pair,
             (o + 1) * group_in * per_pair, grad_tap, grad_w, grad_p, grad_s, scratch, rows,
         )  # fmt: skip
-
-
-@njit(cache=True, inline="always")
-def _chain_scratch(m, sizes):
-    """Scratch of :func:`ndcls.kernels.cpu._element_chain`: profile rows, sums, boxes, gradients."""
-    width = 1
-    for j in range(m):
-        width = max(width, sizes[j])
-    return (
-        np.empty((m, width)), np.empty((m, width)), np.empty((m, width)), np.empty((3, m)), np.empty(m, np.int64),
-        np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m), np.empty(m),
-    )
 
 
 @njit(cache=True, inline="always")
@@ -1232,7 +1235,7 @@ def _chain_rule(kind, normalised, weight, positions, sigma, sizes, radius, start
     _chain_range(
         kind, normalised, weight.reshape(n, 1, 1), positions.reshape(m, n, 1, 1), sigma.reshape(m, n, 1, 1), sizes,
         radius, start, 0, n, grad_tap, grad_w.reshape(n, 1, 1), grad_p.reshape(m, n, 1, 1), grad_s.reshape(m, n, 1, 1),
-        _chain_scratch(m, sizes), _row_scratch(m),
+        _element_scratch(m, sizes), _row_scratch(m),
     )  # fmt: skip
 
 
