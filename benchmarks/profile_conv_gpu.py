@@ -47,15 +47,11 @@ def main(argv=None) -> int:
         out = cupy.empty(call.spec.output_shape, dtype=np.float32)
         gx = cupy.empty(call.spec.input_shape, dtype=np.float32)
         pl = taps.plan
-        it = np.int64 if pl.int64 else np.int32
         partial = cupy.empty(pl.n_rows * pl.n_chunks * pl.cap, dtype=np.float32)
         t_taps = _time(lambda: cc._Taps(call.spec, call.weight, call.positions, call.sigma, dev), args.repeats)
         t_fwd = _time(lambda: cc._planes(taps.kernels["forward"], pl.forward, call.input, taps, out), args.repeats)
         t_gin = _time(lambda: cc._planes(taps.kernels["grad_input"], pl.transposed, gy, taps, gx), args.repeats)
-        t_gk = _time(lambda: taps.kernels["grad_taps"](
-            (max(1, pl.n_rows * pl.n_chunks),), (pl.threads,),
-            (gy, call.input, taps.n_taps, taps.cell, partial, taps.geometry, it(pl.n_rows), it(pl.n_chunks)),
-            shared_mem=pl.threads * 4), args.repeats)  # fmt: skip
+        t_gk = _time(lambda: cc._grad_taps(taps, gy, call.input, partial), args.repeats)
         t_conv = _time(lambda: ndcls.conv(x, w, p, sizes, **kw), args.repeats)
         t_grad = _time(lambda: ndcls.conv_grad(gy, x, w, p, sizes, **kw), args.repeats)
         mean_taps = float(taps.n_taps.mean())

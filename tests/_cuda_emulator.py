@@ -123,8 +123,8 @@ _LIBRARIES: dict = {}
 CONV_PARAMS = {
     "mark": ("const T*", "const T*", "unsigned char*", "Layout", "I", "I", "I", "I", "double"),
     "compact": ("const T*", "const unsigned char*", "I*", "I*", "A*", "I", "I", "I"),
-    "forward": ("const T*", "const I*", "const I*", "const A*", "T*", "Geometry", "int", "int"),
-    "grad_input": ("const T*", "const I*", "const I*", "const A*", "T*", "Geometry", "int", "int"),
+    "forward": ("const T*", "const I*", "const I*", "const A*", "T*", "Geometry", "int", "int", "int"),
+    "grad_input": ("const T*", "const I*", "const I*", "const A*", "T*", "Geometry", "int", "int", "int"),
     "grad_taps": ("const T*", "const T*", "const I*", "const I*", "A*", "Geometry", "I", "I"),
     "scatter": ("const I*", "const I*", "const A*", "T*", "I", "I", "I", "I"),
 }
@@ -155,7 +155,7 @@ def _conv_wrapper(role: str, name: str, key: cc.ConvSpecialisation) -> str:
             args.append(f"a{j}")
     return f"""
 extern "C" void {conv_symbol(role, name)}(int grid_x, int grid_y, int threads, {", ".join(params)}) {{
-    emu::launch_2d(&{name}, grid_x, grid_y, threads, threads, {", ".join(args)});
+    emu::launch_2d(&{name}, grid_x, grid_y, threads, 32, {", ".join(args)});
 }}
 """
 
@@ -366,7 +366,7 @@ class _Taps:
 
     def planes(self, role, st: cc.Stage, src, dst):
         _launch(self.key, role, st.grid, st.threads, src, self.n_taps, self.cell, self.value, dst, self.geometry,
-                st.rows, st.span, shared=st.shared)  # fmt: skip
+                st.entries, st.span, st.batch, shared=st.shared)  # fmt: skip
 
 
 def conv(spec, input, weight, positions, sigma, out=None):
@@ -389,14 +389,14 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
     grad_kernel = np.zeros((k.n_batch, k.block), dtype=spec.dtype)
     if weight.size and input.size and grad_output.size:
         taps = _Taps(spec, weight, positions, sigma)
-        p, it = taps.plan, taps.it
+        p = taps.plan
         taps.planes("grad_input", p.transposed, grad_output, grad_x)
         partial = np.full(p.n_rows * p.n_chunks * p.cap, _POISON, dtype=taps.value.dtype)
         blocks = p.n_rows * p.n_chunks
         _launch(
             taps.key, "grad_taps", max(1, min(blocks, 2**31 - 1)), p.threads,
             grad_output, input, taps.n_taps, taps.cell, partial, taps.geometry, p.n_rows, p.n_chunks,
-            shared=p.threads * taps.value.dtype.itemsize,
+            shared=p.threads // 32 * taps.value.dtype.itemsize,
         )  # fmt: skip
         _launch(
             taps.key, "scatter", p.grid(p.n_rows * p.cap, LIMITS.n_sm), p.threads,

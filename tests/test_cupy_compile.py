@@ -9,6 +9,7 @@ float32 PTX is checked for flush-to-zero instructions (CuPy's own compile path a
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -28,8 +29,9 @@ class CompileError(Exception):
     pass
 
 
-def nvrtc_compile(source: str, names, arch_option: str, *, cubin=False, extra=()):
-    """Compile ``source`` with the name expressions ``names``; returns (ptx or cubin, {name: lowered})."""
+def nvrtc_compile(source: str, names, arch_option: str, *, cubin=False, extra=(), log=None):
+    """Compile ``source`` with the name expressions ``names``; returns (ptx or cubin, {name: lowered}).
+    The compiler's log is appended to the list ``log`` when one is given."""
     nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
     def check(result, prog=None):
@@ -50,6 +52,11 @@ def nvrtc_compile(source: str, names, arch_option: str, *, cubin=False, extra=()
             check(nvrtc.nvrtcAddNameExpression(prog, name.encode()))
         options = [arch_option.encode(), *(o.encode() for o in (*cb.COMPILE_OPTIONS, *extra))]
         check(nvrtc.nvrtcCompileProgram(prog, len(options), options), prog)
+        if log is not None:
+            _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+            buf = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, buf)
+            log.append(buf.decode(errors="replace"))
         lowered = {name: check(nvrtc.nvrtcGetLoweredName(prog, name.encode()))[0].decode() for name in names}
         if cubin:
             (size,) = check(nvrtc.nvrtcGetCUBINSize(prog))
@@ -115,8 +122,6 @@ def test_dispatcher_requests_only_enumerated_specialisations(case):
 
 def test_layout_struct_argument_has_the_size_of_its_numpy_twin():
     """The Layout<I> kernel parameter, as NVRTC lays it out, is what the backend passes by value."""
-    import re
-
     keys = [k for k in cb.specialisations() if k.n_learned == 2 and k.dtype == "float32" and k.interpolation == "gauss"]
     ptx, lowered = nvrtc_compile(cb.kernel_source(), _names(keys), "--gpu-architecture=compute_80")
     for key in keys:
@@ -137,6 +142,30 @@ def test_every_conv_specialisation_compiles_to_ptx(arch):
     assert set(lowered) == set(names)
     for name in lowered.values():
         assert f".entry {name}(" in ptx
+
+def test_conv_kernels_keep_their_accumulators_in_registers():
+    """ptxas for sm_90: the tap loops of the conv kernels use no local memory (conv_planes_kernel's
+    per-batch accumulators stay in registers) and, with 32-bit indices, at most 64 registers per
+    thread, which leaves room for 4 blocks of 256 threads per SM (64-bit indices: at most 96)."""
+    from ndcls.kernels import cupy_conv
+
+    roles = ("forward", "grad_input", "grad_taps")
+    names = sorted({key.names[r] for key in cupy_conv.specialisations() for r in roles})
+    log = []
+    _, lowered = nvrtc_compile(cb.kernel_source("dcls_conv.cu"), names, "--gpu-architecture=sm_90", cubin=True,
+                               extra=("--ptxas-options=-v",), log=log)
+    report = {}  # mangled name -> its ptxas lines
+    for line in log[0].splitlines():
+        if "Compiling entry function" in line:
+            current = report.setdefault(line.split("'")[1], [])
+        elif report:
+            current.append(line)
+    for name, mangled in lowered.items():
+        lines = " ".join(report[mangled])
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in lines, f"{name}: {lines}"
+        registers = int(re.search(r"Used (\d+) registers", lines).group(1))
+        assert registers <= (96 if "long long" in name else 64), f"{name}: {registers} registers"
+
 
 # -- IEEE float32: no flush to zero -----------------------------------------------------------------
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import replace
 
@@ -107,16 +106,24 @@ def _check_plan(spec, n_sm):
     for items in (k.n_batch * k.n_dense * k.count, p.n_rows * p.cap, 1, 0):
         assert 1 <= p.grid(items, n_sm) <= 32 * 8 * n_sm
     assert p.compact_threads % 32 == 0 and 32 <= p.compact_threads <= 256
-    for st, n_src, planes, plane_cells in (
-        (p.forward, spec.group_in, spec.batch * spec.out_channels, math.prod(spec.out_spatial)),
-        (p.transposed, spec.group_out, spec.batch * spec.in_channels, math.prod(spec.spatial)),
+    acc = 8 if spec.kernel.dtype == np.float64 else 4
+    for st, channels, plane_cells in (
+        (p.forward, spec.out_channels, math.prod(spec.out_spatial)),
+        (p.transposed, spec.in_channels, math.prod(spec.spatial)),
     ):
-        assert 1 <= st.span <= p.cap and 1 <= st.rows <= n_src
+        assert st.span == min(p.cap, st.entries) >= 1  # a row's pass always fits one stage
+        assert st.shared == st.entries * (4 * spec.ndim + acc) + 4 * (st.threads + 1)
         assert st.shared <= cc.STAGE_BYTES <= 48 * 1024  # no opting in
+        assert st.shared + 4 * spec.ndim + acc > cc.STAGE_BYTES  # as many slots as the budget holds
         assert st.threads % 32 == 0 and 64 <= st.threads <= 1024
         tiles, walked = st.grid
         assert tiles * st.threads >= plane_cells and (tiles - 1) * st.threads < plane_cells
-        assert 1 <= walked <= min(planes, 65535) or (planes == 0 and walked == 1)
+        # batch items per block: as many as keep 8 blocks per SM busy, at most the registers' 8
+        assert 1 <= st.batch <= min(cc.BATCH_PER_BLOCK, max(spec.batch, 1))
+        items = channels * -(-spec.batch // st.batch)
+        if st.batch > 1:
+            assert tiles * items >= 8 * n_sm  # the device stays filled
+        assert 1 <= walked <= min(items, 65535) or (items == 0 and walked == 1)
     geometry = cc.geometry_value(spec, p)
     assert geometry.dtype == cc.geometry_dtype(p.int64)
     assert geometry["cap"] == p.cap and geometry["cells"] == p.cells
@@ -137,6 +144,13 @@ def test_plan_on_the_benchmark_shapes_with_h100_limits(case, interpolation):
         assert p.n_rows == 4096 and p.cap == (6 if interpolation == "bilinear" else 1025) and p.n_chunks == 1
     if "delays" in case.name:  # 256 * 700 rows, one element each: 2 bilinear taps
         assert p.n_rows == 256 * 700 and p.cap == (2 if interpolation == "bilinear" else 250) and p.n_chunks == 1
+    # blocks serve 8 batch items: (tiles, channel x batch chunk items) fill the 132 SMs
+    expected_grids = {"ConvNeXt": ((13, 96 * 4), (13, 96 * 4)), "DiffWave": ((32, 64), (32, 64)),
+                      "delays": ((1, 256 * 8), (1, 700 * 8))}  # fmt: skip
+    name = next(n for n in expected_grids if n in case.name)
+    assert (p.forward.grid, p.transposed.grid) == expected_grids[name]
+    assert p.forward.batch == p.transposed.batch == 8
+    assert p.forward.span == p.cap  # every row's taps in one pass
 
 
 @pytest.mark.parametrize("batch, wide", [(63, False), (64, True)])
@@ -177,13 +191,15 @@ def _compare(backend, x, w, p, sizes, **kw):
             assert_close(a, e, what=f"grad_{name}")
 
 
-def _forced(monkeypatch, int64=None, stage_bytes=None):
-    """Patch cupy_conv's plan: force the index width, or stage the taps in ``stage_bytes``."""
+def _forced(monkeypatch, int64=None, stage_args=None):
+    """Patch cupy_conv's plan: force the index width, or the keywords ``stage_args`` of
+    ``cupy_conv.stage`` (``budget``: the bytes the taps are staged in; ``fill_blocks``)."""
     if int64 is not None:
         plan = cc.plan
         monkeypatch.setattr(cc, "plan", lambda *a, **kw: replace(plan(*a, **kw), int64=int64))
-    if stage_bytes is not None:
-        monkeypatch.setattr(cc, "stage", functools.partial(cc.stage, budget=stage_bytes))
+    if stage_args:
+        stage = cc.stage
+        monkeypatch.setattr(cc, "stage", lambda *a, **kw: stage(*a, **dict(kw, **stage_args)))
 
 
 def _arrays(rng, x_shape, w_shape, sizes, learned, interpolation, dtype, spread=1.0):
@@ -196,7 +212,7 @@ def _arrays(rng, x_shape, w_shape, sizes, learned, interpolation, dtype, spread=
     return x, w, p.astype(dtype), s
 
 
-# name -> (input, weight, sizes, learned, options, plan checks, stage budget)
+# name -> (input, weight, sizes, learned, options, plan checks, stage keywords)
 PATHS = {
     # 64 threads, 2 SMs: 7 chunks of the batch x output cells per row; planes of 1000 cells walked
     # by 3 of 4 tiles, 4 planes by 3 blocks (grid-stride loops)
@@ -204,15 +220,17 @@ PATHS = {
         (2, 2, 1000), (2, 1, 2), (5,), (0,), dict(groups=2, padding="same"),
         lambda spec, p: p.n_chunks == 7 and p.forward.grid == (4, 4), None,
     ),
-    # one tap per pass: rows of the group and tap spans staged one at a time
+    # one tap slot: every tap is a stage of its own
     "staged taps, one at a time": (
         (1, 6, 5, 4), (4, 3, 2), (3, 2), (0, 1), dict(groups=2, padding=1, stride=(2, 1)),
-        lambda spec, p: p.forward.span == 1 and p.forward.rows == 1 and p.transposed.rows == 1 and p.cap > 1, 30,
+        lambda spec, p: p.forward.entries == p.transposed.entries == p.forward.span == 1 and p.cap > 1, dict(budget=30),
     ),
-    # passes of 2 rows of 6 taps over 3 source rows: the last pass is partial
+    # 3 or 4 slots for rows of up to 6 taps: two passes over the rows, the first staging one row
+    # at a time, the second packing the rows' remaining taps
     "staged taps, partial passes": (
         (2, 3, 6, 5), (2, 3, 2), (3, 2), (0, 1), dict(padding="same"),
-        lambda spec, p: p.forward.span == min(p.cap, 6) and p.forward.rows == 2 and spec.group_in == 3, 4 + 12 * 20,
+        lambda spec, p: p.forward.span == p.forward.entries in (3, 4) and p.cap == 6 and spec.group_in == 3,
+        dict(budget=4 * 65 + 4 * 12),
     ),
     # 289 cells per row: the compaction scans two chunks of 256 cells, the marks cross rows
     "long rows": (
@@ -224,6 +242,12 @@ PATHS = {
         (2, 2, 5, 4, 6), (2, 2, 2, 3, 2), (2, 3, 3), (2,), dict(padding=(1, 0, 2), stride=(2, 1, 2)),
         lambda spec, p: spec.kernel.n_dense == 6, None,
     ),
+    # blocks serving 8 batch items, then the last 3; 70 source rows: stages of at most 64 rows
+    "batch items per block, many rows": (
+        (11, 70, 9), (3, 70, 2), (5,), (0,), dict(padding=2, stride=2),
+        lambda spec, p: p.forward.batch == p.transposed.batch == 8 and spec.group_in > p.forward.threads,
+        dict(fill_blocks=1),
+    ),
 }
 
 
@@ -233,8 +257,8 @@ PATHS = {
 @pytest.mark.parametrize("interpolation", ndcls.INTERPOLATIONS)
 @pytest.mark.parametrize("path", list(PATHS))
 def test_emulated_conv_launch_paths(emulated, monkeypatch, path, interpolation, int64):
-    x_shape, w_shape, sizes, learned, options, reached, budget = PATHS[path]
-    _forced(monkeypatch, int64=int64, stage_bytes=budget)
+    x_shape, w_shape, sizes, learned, options, reached, stage_args = PATHS[path]
+    _forced(monkeypatch, int64=int64, stage_args=stage_args)
     dtype = np.float64 if int64 else np.float32
     rng = np.random.default_rng(sum(map(ord, path + interpolation)))
     x, w, p, s = _arrays(rng, x_shape, w_shape, sizes, learned, interpolation, dtype)

@@ -33,6 +33,8 @@ _THREADS = 256
 _BLOCKS_PER_SM = 8
 #: shared memory for the staged taps of conv_planes_kernel (under every device's default 48 KiB)
 STAGE_BYTES = 32 * 1024
+#: the most batch items one block of conv_planes_kernel serves (NDCLS_CONV_BATCH in dcls_conv.cu)
+BATCH_PER_BLOCK = 8
 #: CUDA's limit on gridDim.y (the planes of conv_planes_kernel; more are walked by a loop)
 _MAX_GRID_Y = 65535
 
@@ -88,25 +90,31 @@ def geometry_dtype(int64: bool) -> np.dtype:
 
 @dataclass(frozen=True)
 class Stage:
-    """Launch of conv_planes_kernel: taps staged ``rows`` rows of ``span`` taps at a time."""
+    """Launch of conv_planes_kernel: the source rows' taps packed ``entries`` at a time into shared
+    memory (at most ``span`` taps of a row per pass), each block serving ``batch`` batch items."""
 
-    rows: int
+    entries: int
     span: int
+    batch: int
     shared: int  # bytes of dynamic shared memory
     threads: int  # per block: the cells of a tile of one destination plane
-    grid: tuple  # (tiles of a plane, planes walked at once)
+    grid: tuple  # (tiles of a plane, (channel, batch chunk) items walked at once)
 
 
-def stage(n_src: int, cap: int, ndim: int, acc_bytes: int, planes: int, plane_cells: int, budget: int = STAGE_BYTES) -> Stage:
-    """The staging and launch shape of conv_planes_kernel for ``n_src`` source rows of ``cap`` tap
-    slots, ``planes`` destination planes of ``plane_cells`` cells each."""
-    entry = 4 * ndim + acc_bytes
-    entries = max(1, (budget - 4) // (entry + 4))
-    span = max(1, min(cap, entries))
-    rows = max(1, min(n_src, entries // span))
+def stage(cap: int, ndim: int, acc_bytes: int, batch: int, channels: int, plane_cells: int, fill_blocks: int,
+          budget: int = STAGE_BYTES) -> Stage:
+    """The staging and launch shape of conv_planes_kernel for rows of ``cap`` tap slots and a
+    destination of ``batch`` x ``channels`` planes of ``plane_cells`` cells. Each block serves as
+    many batch items (at most BATCH_PER_BLOCK) as keeps ``fill_blocks`` blocks busy."""
     threads = min(_THREADS, max(64, -(-plane_cells // 32) * 32))
     tiles = max(1, -(-plane_cells // threads))
-    return Stage(rows, span, rows * span * entry + 4 * rows, threads, (tiles, max(1, min(planes, _MAX_GRID_Y))))
+    entry = 4 * ndim + acc_bytes  # kernel coordinates and value of a staged tap
+    fixed = 4 * (threads + 1)  # the rows' tap ends and the count of staged rows
+    entries = max(1, (budget - fixed) // entry)
+    per_block = max(1, min(BATCH_PER_BLOCK, batch, tiles * channels * batch // max(1, fill_blocks)))
+    items = channels * -(-batch // per_block)
+    return Stage(entries, min(cap, entries), per_block, entries * entry + fixed, threads,
+                 (tiles, max(1, min(items, _MAX_GRID_Y))))
 
 
 @dataclass(frozen=True)
@@ -159,8 +167,9 @@ def plan(spec, n_sm: int, threads: int = _THREADS) -> ConvPlan:
     int64 = cb.index_is_64bit(k) or max(flat) >= 2**30
     acc = 8 if np.dtype(k.dtype) == np.float64 else 4
     out_cells, in_cells = math.prod(spec.out_spatial), math.prod(spec.spatial)
-    forward = stage(spec.group_in, cap, spec.ndim, acc, spec.batch * spec.out_channels, out_cells)
-    transposed = stage(spec.group_out, cap, spec.ndim, acc, spec.batch * spec.in_channels, in_cells)
+    fill = _BLOCKS_PER_SM * n_sm
+    forward = stage(cap, spec.ndim, acc, spec.batch, spec.out_channels, out_cells, fill_blocks=fill)
+    transposed = stage(cap, spec.ndim, acc, spec.batch, spec.in_channels, in_cells, fill_blocks=fill)
     return ConvPlan(n_rows, cells, cap, n_chunks, int64, forward, transposed, threads)
 
 
@@ -247,8 +256,22 @@ class _Taps:
 
 
 def _planes(kernel, st: Stage, src, taps, dst):
-    kernel(st.grid, (st.threads,), (src, taps.n_taps, taps.cell, taps.value, dst, taps.geometry, np.int32(st.rows), np.int32(st.span)),
-           shared_mem=st.shared)
+    kernel(st.grid, (st.threads,), (src, taps.n_taps, taps.cell, taps.value, dst, taps.geometry, np.int32(st.entries),
+                                    np.int32(st.span), np.int32(st.batch)), shared_mem=st.shared)
+
+
+def _grad_taps(taps, grad_output, input, partial=None):
+    """dL/dK at the taps, one partial sum per (row, chunk, tap slot): ``(n_rows * n_chunks * cap,)``."""
+    p = taps.plan
+    it = np.int64 if p.int64 else np.int32
+    if partial is None:
+        partial = cb._cupy().empty(p.n_rows * p.n_chunks * p.cap, dtype=taps.value.dtype)
+    taps.kernels["grad_taps"](
+        (max(1, min(p.n_rows * p.n_chunks, 2**31 - 1)),), (p.threads,),
+        (grad_output, input, taps.n_taps, taps.cell, partial, taps.geometry, it(p.n_rows), it(p.n_chunks)),
+        shared_mem=p.threads // 32 * taps.value.dtype.itemsize,
+    )  # fmt: skip
+    return partial
 
 
 def _on_device(*arrays):
@@ -288,13 +311,7 @@ def conv_grad(spec, grad_output, input, weight, positions, sigma):
         plan_, it = taps.plan, (np.int64 if taps.plan.int64 else np.int32)
         n_sm = cb._limits(device_id).n_sm
         _planes(taps.kernels["grad_input"], plan_.transposed, gy, taps, grad_x)
-        partial = cupy.empty(plan_.n_rows * plan_.n_chunks * plan_.cap, dtype=taps.value.dtype)
-        blocks = plan_.n_rows * plan_.n_chunks
-        taps.kernels["grad_taps"](
-            (max(1, min(blocks, 2**31 - 1)),), (plan_.threads,),
-            (gy, x, taps.n_taps, taps.cell, partial, taps.geometry, it(plan_.n_rows), it(plan_.n_chunks)),
-            shared_mem=plan_.threads * taps.value.dtype.itemsize,
-        )  # fmt: skip
+        partial = _grad_taps(taps, gy, x)
         taps.kernels["scatter"](
             (plan_.grid(plan_.n_rows * plan_.cap, n_sm),), (plan_.threads,),
             (taps.n_taps, taps.cell, partial, grad_kernel, it(plan_.n_rows), it(plan_.cells), it(plan_.cap), it(plan_.n_chunks)),

@@ -7,9 +7,11 @@
 //   conv_compact_kernel  lists each row's marked cells in ascending order: n_taps[row],
 //                        tap_cell[row, t] (flat cell of the row), tap_val[row, t] = K[row, cell];
 //   conv_planes_kernel   the forward, out[n, o, y] = sum_i sum_t tap_val * x[n, g*I+i, y*stride + k_t - pad],
-//                        and (TRANSPOSED) the input gradient, the transposed convolution over the same taps;
+//                        and (TRANSPOSED) the input gradient, the transposed convolution over the same
+//                        taps; the source rows' taps are packed into shared memory, each block serves
+//                        up to NDCLS_CONV_BATCH batch items with them;
 //   conv_grad_taps_kernel   dL/dK at the taps, a block per (row, chunk of batch x output cells)
-//                        with a fixed-order tree reduction, one partial sum per chunk;
+//                        with a fixed-order block sum (warp shuffles), one partial sum per chunk;
 //   conv_scatter_kernel  dK[row, tap_cell] = sum of the partials in chunk order; the shared
 //                        chain rule (construct_grad_kernel) then gives the element gradients.
 // Buffer sizes follow from the shapes alone (no host synchronisation: CUDA-graph safe). Every
@@ -32,14 +34,56 @@ struct ConvGeometry {
     I cap;                          // tap slots per row (<= cells)
 };
 
-// Flat index q over `sizes` (C order) -> coordinates.
+// Batch items one block of conv_planes_kernel accumulates at once, in registers (the planner's
+// cupy_conv.BATCH_PER_BLOCK).
+#define NDCLS_CONV_BATCH 8
+
+// Flat index 0 <= q < prod(sizes) (C order) -> coordinates (N - 1 divisions: none for N = 1).
 template <int N, typename I>
 __device__ __forceinline__ void unravel_cells(I q, const I* sizes, I* c) {
 #pragma unroll
-    for (int a = N - 1; a >= 0; --a) {
+    for (int a = N - 1; a > 0; --a) {
         c[a] = q % sizes[a];
         q /= sizes[a];
     }
+    c[0] = q;
+}
+
+// Inclusive prefix sum over the block of one int per thread (Hillis-Steele in `scan`, blockDim.x
+// ints of shared memory): returns this thread's sum and leaves every thread's in `scan`. Called by
+// every thread of the block; ends synchronised.
+__device__ __forceinline__ int block_inclusive_scan(int* scan, int value) {
+    const int tid = threadIdx.x;
+    scan[tid] = value;
+    __syncthreads();
+    for (int step = 1; step < (int)blockDim.x; step *= 2) {
+        const int add = tid >= step ? scan[tid - step] : 0;
+        __syncthreads();
+        scan[tid] += add;
+        __syncthreads();
+    }
+    return scan[tid];
+}
+
+// Sum over the block of one value per thread, in a fixed order (butterflies within each warp,
+// then over the warps' sums in warp 0): the total is returned to thread 0. blockDim.x is a
+// multiple of 32; `sums` holds blockDim.x / 32 values of shared memory. Called by every thread
+// of the block; ends synchronised, so `sums` may be reused at once.
+template <typename A>
+__device__ __forceinline__ A block_sum(A value, A* sums) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) value += __shfl_xor_sync(0xffffffffu, value, o);
+    if (lane == 0) sums[warp] = value;
+    __syncthreads();
+    A total = A(0);
+    if (warp == 0) {
+        total = lane < (int)blockDim.x / 32 ? sums[lane] : A(0);
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffffu, total, o);
+    }
+    __syncthreads();
+    return total;
 }
 
 // Marks the cells of every element's support box (learned rows: cut_support; dense axes: the
@@ -85,8 +129,7 @@ __global__ void conv_mark_kernel(const T* __restrict__ positions, const T* __res
 }
 
 // One block per row: the marked cells in ascending order (at most `cap` of them), blockDim.x
-// cells at a time, placed by a shared-memory prefix sum (Hillis-Steele). Shared memory:
-// blockDim.x ints.
+// cells at a time, placed by a block prefix sum. Shared memory: blockDim.x ints.
 template <typename T, typename I>
 __global__ void conv_compact_kernel(const T* __restrict__ kernel, const unsigned char* __restrict__ mask,
                                     I* __restrict__ n_taps, I* __restrict__ tap_cell,
@@ -99,15 +142,7 @@ __global__ void conv_compact_kernel(const T* __restrict__ kernel, const unsigned
         for (I c0 = 0; c0 < cells; c0 += blockDim.x) {
             const I c = c0 + tid;
             const int flag = c < cells && mask[row * cells + c] ? 1 : 0;
-            scan[tid] = flag;
-            __syncthreads();
-            for (int step = 1; step < (int)blockDim.x; step *= 2) {
-                const int add = tid >= step ? scan[tid - step] : 0;
-                __syncthreads();
-                scan[tid] += add;
-                __syncthreads();
-            }
-            const I at = placed + scan[tid] - flag;
+            const I at = placed + block_inclusive_scan(scan, flag) - flag;
             if (flag && at < cap) {
                 tap_cell[row * cap + at] = c;
                 tap_val[row * cap + at] = Scalar<T>::load(kernel[row * cells + c]);
@@ -119,119 +154,130 @@ __global__ void conv_compact_kernel(const T* __restrict__ kernel, const unsigned
     }
 }
 
-// Input offset inside one (n, c) plane of output cell y shifted by kernel cell `cell`, or -1
-// when that input cell lies in the zero padding.
-template <int N, typename I>
-__device__ __forceinline__ I input_offset(const ConvGeometry<I>& g, const I* y, I cell) {
-    I k[N];
-    unravel_cells<N>(cell, g.ksizes, k);
-    I off = 0;
-#pragma unroll
-    for (int a = 0; a < N; ++a) {
-        const I at = y[a] * g.stride[a] + k[a] - g.pad[a];
-        if (at < 0 || at >= g.spatial[a]) return -1;
-        off = off * g.spatial[a] + at;
-    }
-    return off;
-}
-
-// Forward (TRANSPOSED = false) and input gradient (TRANSPOSED = true), one destination plane at
-// a time: blockIdx.y walks the planes (n, o) of `out` (forward) or (n, c) of grad_x, blockIdx.x
-// tiles of the plane's cells, one cell per thread. The taps of the source rows (forward: pairs
-// o * I + i, i < I; transposed: pairs o * I + i for the group's outputs o) are staged in shared
-// memory, `rows` rows of at most `span` taps at a time (kernel coordinates and values), and
-// every thread accumulates over them in order (row, tap): the forward reads
-// src = x[n, g * I + i, y * stride + k - pad]; the transposed reads src = grad_out[n, o, y] for
-// the y with y * stride = z + pad - k. Cells in the padding are skipped. Shared memory:
-// rows * span * (N ints + one A) + rows ints (the host sizes the launch, cupy_conv.plan).
+// Forward (TRANSPOSED = false) and input gradient (TRANSPOSED = true). blockIdx.y walks the items
+// (channel, batch chunk) of the destination, out[n, o] (forward) or grad_x[n, c], blockIdx.x the
+// tiles of a plane's cells, one cell per thread; each thread accumulates the cell of up to
+// `batch_per_block` (<= NDCLS_CONV_BATCH) batch items n0 + b in registers, so that the staged taps
+// serve them all. The source rows of the channel (forward: pairs o * I + i, i < I; transposed:
+// pairs o * I + i for the group's outputs o) have their taps packed into shared memory, stage
+// after stage: a block prefix sum over the counts of the next blockDim.x rows (at most `span` taps
+// of a row per pass over the rows, passes t0 = 0, span, ...) takes the rows that fit in `entries`
+// slots, and the slots hold the taps' kernel coordinates and values. Every thread then sums over
+// the stage in the fixed order (row, tap): the forward reads x[n, g * I + i, y * stride + k - pad];
+// the transposed reads grad_out[n, o, y] for the y with y * stride = z + pad - k. Cells in the
+// padding are skipped. Shared memory: entries * (N ints + one A) + (blockDim.x + 1) ints (the host
+// sizes the launch: cupy_conv.stage).
 template <typename T, int N, typename I, bool TRANSPOSED>
 __global__ void conv_planes_kernel(const T* __restrict__ src, const I* __restrict__ n_taps,
                                    const I* __restrict__ tap_cell, const typename Scalar<T>::acc* __restrict__ tap_val,
-                                   T* __restrict__ dst, const ConvGeometry<I> g, int rows, int span) {
+                                   T* __restrict__ dst, const ConvGeometry<I> g, int entries, int span,
+                                   int batch_per_block) {
     typedef typename Scalar<T>::acc A;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     A* val = reinterpret_cast<A*>(smem_raw);
-    int* coords = reinterpret_cast<int*>(val + rows * span);
-    int* counts = coords + rows * span * N;
+    int* coords = reinterpret_cast<int*>(val + entries);
+    int* ends = coords + entries * N;      // inclusive end of each staged row's taps
+    int* stage_rows = ends + blockDim.x;   // rows staged in this stage
     const I dst_channels = TRANSPOSED ? g.in_channels : g.out_channels;
     const I dst_cells = TRANSPOSED ? g.in_cells : g.out_cells;
     const I src_channels = TRANSPOSED ? g.out_channels : g.in_channels;
     const I src_cells = TRANSPOSED ? g.out_cells : g.in_cells;
     const I* dst_sizes = TRANSPOSED ? g.spatial : g.out_spatial;
     const I* src_sizes = TRANSPOSED ? g.out_spatial : g.spatial;
-    const I n_src = TRANSPOSED ? g.group_out : g.group_in;  // source rows per destination plane
-    for (I plane = blockIdx.y; plane < g.batch * dst_channels; plane += gridDim.y) {
-        const I n = plane / dst_channels;
-        const I ch = plane - n * dst_channels;
+    const I n_src = TRANSPOSED ? g.group_out : g.group_in;  // source rows per destination channel
+    const I src_batch_step = src_channels * src_cells;      // from batch item n to n + 1
+    const I chunks = (g.batch + batch_per_block - 1) / batch_per_block;
+    for (I item = blockIdx.y; item < dst_channels * chunks; item += gridDim.y) {
+        const I ch = item / chunks;
+        const I n0 = (item - ch * chunks) * batch_per_block;
+        const int nb = (int)min((I)batch_per_block, g.batch - n0);
         const I group = TRANSPOSED ? ch / g.group_in : ch / g.group_out;
+        // row of the taps of source r, and the source channel it reads
+        auto row_of = [&](I r) -> I {
+            return TRANSPOSED ? (group * g.group_out + r) * g.group_in + (ch - group * g.group_in) : ch * g.group_in + r;
+        };
+        const I first_src_ch = TRANSPOSED ? group * g.group_out : group * g.group_in;
         for (I first = (I)blockIdx.x * blockDim.x; first < dst_cells; first += (I)gridDim.x * blockDim.x) {
             const I q = first + threadIdx.x;
             const bool active = q < dst_cells;
-            I y[N];
+            I y[N], base[N];
             unravel_cells<N>(active ? q : 0, dst_sizes, y);
-            A acc = A(0);
-            for (I r0 = 0; r0 < n_src; r0 += rows) {
-                for (I t0 = 0; t0 < g.cap; t0 += span) {
+#pragma unroll
+            for (int a = 0; a < N; ++a) base[a] = TRANSPOSED ? y[a] + g.pad[a] : y[a] * g.stride[a] - g.pad[a];
+            A acc[NDCLS_CONV_BATCH];
+#pragma unroll
+            for (int b = 0; b < NDCLS_CONV_BATCH; ++b) acc[b] = A(0);
+            for (I t0 = 0; t0 < g.cap; t0 += span) {
+                for (I r0 = 0; r0 < n_src;) {
+                    const I r = r0 + threadIdx.x;
+                    const int count = r < n_src ? (int)min(max(n_taps[row_of(r)] - t0, (I)0), (I)span) : 0;
                     __syncthreads();  // the previous stage has been read
-                    for (int e = threadIdx.x; e < rows * span; e += blockDim.x) {
-                        const I r = r0 + e / span;
-                        const I t = t0 + e % span;
-                        if (r >= n_src) continue;
-                        const I row = TRANSPOSED ? (group * g.group_out + r) * g.group_in + (ch - group * g.group_in)
-                                                 : ch * g.group_in + r;
-                        if (t >= n_taps[row]) continue;
+                    const int end = block_inclusive_scan(ends, count);
+                    // rows r0 .. r0 + taken - 1 fit (row r0 always does: span <= entries)
+                    const bool fits = r < n_src && end <= entries;
+                    const bool next_fits = threadIdx.x + 1 < blockDim.x && r + 1 < n_src && ends[threadIdx.x + 1] <= entries;
+                    if (fits && !next_fits) *stage_rows = (int)threadIdx.x + 1;
+                    __syncthreads();
+                    const int taken = *stage_rows;
+                    const int total = ends[taken - 1];
+                    for (int e = threadIdx.x; e < total; e += blockDim.x) {
+                        int lo = 0, hi = taken - 1;  // the staged row holding slot e: the first with ends > e
+                        while (lo < hi) {
+                            const int mid = (lo + hi) / 2;
+                            if (ends[mid] > e) hi = mid; else lo = mid + 1;
+                        }
+                        const I slot = row_of(r0 + lo) * g.cap + t0 + (e - (lo > 0 ? ends[lo - 1] : 0));
                         I k[N];
-                        unravel_cells<N>(tap_cell[row * g.cap + t], g.ksizes, k);
+                        unravel_cells<N>(tap_cell[slot], g.ksizes, k);
 #pragma unroll
                         for (int a = 0; a < N; ++a) coords[e * N + a] = int(k[a]);
-                        val[e] = tap_val[row * g.cap + t];
-                    }
-                    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-                        I c = 0;
-                        if (r0 + r < n_src) {
-                            const I row = TRANSPOSED ? (group * g.group_out + r0 + r) * g.group_in + (ch - group * g.group_in)
-                                                     : ch * g.group_in + r0 + r;
-                            c = min(max(n_taps[row] - t0, (I)0), (I)span);
-                        }
-                        counts[r] = int(c);
+                        val[e] = tap_val[slot];
                     }
                     __syncthreads();
-                    if (!active) continue;
-                    for (int r = 0; r < rows && r0 + r < n_src; ++r) {
-                        const I src_ch = TRANSPOSED ? group * g.group_out + r0 + r : group * g.group_in + r0 + r;
-                        const T* plane_src = src + (n * src_channels + src_ch) * src_cells;
-                        for (int t = 0; t < counts[r]; ++t) {
-                            const int e = r * span + t;
-                            I off = 0;
-                            bool inside = true;
+                    if (active) {
+                        int e = 0;
+                        for (int s = 0; s < taken; ++s) {
+                            const T* plane_src = src + (n0 * src_channels + first_src_ch + r0 + s) * src_cells;
+                            for (const int row_end = ends[s]; e < row_end; ++e) {
+                                I off = 0;
+                                bool inside = true;
 #pragma unroll
-                            for (int a = 0; a < N; ++a) {
-                                I at;
-                                if (TRANSPOSED) {
-                                    const I num = y[a] + g.pad[a] - coords[e * N + a];
-                                    at = num / g.stride[a];
-                                    inside = inside && num >= 0 && at * g.stride[a] == num;
-                                } else {
-                                    at = y[a] * g.stride[a] + coords[e * N + a] - g.pad[a];
-                                    inside = inside && at >= 0;
+                                for (int a = 0; a < N; ++a) {
+                                    I at = base[a] + (TRANSPOSED ? -coords[e * N + a] : coords[e * N + a]);
+                                    if (TRANSPOSED && g.stride[a] != 1) {  // y * stride = z + pad - k must divide
+                                        const I num = at;
+                                        at = num / g.stride[a];
+                                        inside = inside && at * g.stride[a] == num;
+                                    }
+                                    inside = inside && at >= 0 && at < src_sizes[a];
+                                    off = off * src_sizes[a] + at;
                                 }
-                                inside = inside && at < src_sizes[a];
-                                off = off * src_sizes[a] + at;
+                                if (inside) {
+                                    const A v = val[e];
+#pragma unroll
+                                    for (int b = 0; b < NDCLS_CONV_BATCH; ++b)
+                                        if (b < nb) acc[b] += v * Scalar<T>::load(plane_src[b * src_batch_step + off]);
+                                }
                             }
-                            if (inside) acc += val[e] * Scalar<T>::load(plane_src[off]);
                         }
                     }
+                    r0 += taken;
                 }
             }
-            if (active) dst[plane * dst_cells + q] = Scalar<T>::store(acc);
+            if (active) {
+#pragma unroll
+                for (int b = 0; b < NDCLS_CONV_BATCH; ++b)
+                    if (b < nb) dst[((n0 + b) * dst_channels + ch) * dst_cells + q] = Scalar<T>::store(acc[b]);
+            }
         }
     }
 }
 
 // dL/dK at the taps of one row, over one chunk of the batch x output cells: block
-// (row, chunk) = blockIdx.x / n_chunks, % n_chunks. Each thread sums a strided share, then a
-// shared-memory tree gives the block's sum (fixed order), written to
-// partial[(row * n_chunks + chunk) * cap + t]. Shared memory: blockDim.x values of A.
+// (row, chunk) = blockIdx.x / n_chunks, % n_chunks. For each tap, each thread sums a strided
+// share (positions j = first + threadIdx.x + m * blockDim.x, walked as (n, y) without
+// divisions), then block_sum gives the block's sum in a fixed order, written to
+// partial[(row * n_chunks + chunk) * cap + t]. Shared memory: blockDim.x / 32 values of A.
 template <typename T, int N, typename I>
 __global__ void conv_grad_taps_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
                                       const I* __restrict__ n_taps, const I* __restrict__ tap_cell,
@@ -241,36 +287,50 @@ __global__ void conv_grad_taps_kernel(const T* __restrict__ grad_out, const T* _
     extern __shared__ __align__(16) unsigned char smem_raw[];
     A* sums = reinterpret_cast<A*>(smem_raw);
     const I work = g.batch * g.out_cells;
+    const I jump_n = (I)blockDim.x / g.out_cells;  // a thread's step from j to j + blockDim.x, as (n, y)
+    const I jump_y = (I)blockDim.x - jump_n * g.out_cells;
+    const I gy_batch_step = g.out_channels * g.out_cells, x_batch_step = g.in_channels * g.in_cells;
     for (I blk = blockIdx.x; blk < n_rows * n_chunks; blk += gridDim.x) {
         const I row = blk / n_chunks;
         const I chunk = blk - row * n_chunks;
         const I o = row / g.group_in;
         const I c = (o / g.group_out) * g.group_in + (row - o * g.group_in);
-        const I first = chunk * work / n_chunks;
-        const I last = (chunk + 1) * work / n_chunks;
+        const I first = (I)((long long)chunk * work / n_chunks) + threadIdx.x;  // chunk * work may pass 2**31
+        const I last = (I)((long long)(chunk + 1) * work / n_chunks);
+        const I n_first = first / g.out_cells, y_first = first - n_first * g.out_cells;
+        const T* gy_plane = grad_out + o * g.out_cells;
+        const T* x_plane = x + c * g.in_cells;
         const I taps = n_taps[row];
         for (I t = 0; t < taps; ++t) {
-            const I cell = tap_cell[row * g.cap + t];
+            I shift[N];
+            unravel_cells<N>(tap_cell[row * g.cap + t], g.ksizes, shift);
+#pragma unroll
+            for (int a = 0; a < N; ++a) shift[a] -= g.pad[a];
             A acc = A(0);
-            for (I j = first + threadIdx.x; j < last; j += blockDim.x) {
-                const I n = j / g.out_cells;
-                const I y_flat = j - n * g.out_cells;
+            I n = n_first, y_flat = y_first;
+            for (I j = first; j < last; j += blockDim.x) {
                 I y[N];
                 unravel_cells<N>(y_flat, g.out_spatial, y);
-                const I off = input_offset<N>(g, y, cell);
-                if (off >= 0) {
-                    acc += Scalar<T>::load(grad_out[(n * g.out_channels + o) * g.out_cells + y_flat]) *
-                           Scalar<T>::load(x[(n * g.in_channels + c) * g.in_cells + off]);
+                I off = 0;
+                bool inside = true;
+#pragma unroll
+                for (int a = 0; a < N; ++a) {
+                    const I at = y[a] * g.stride[a] + shift[a];
+                    inside = inside && at >= 0 && at < g.spatial[a];
+                    off = off * g.spatial[a] + at;
+                }
+                if (inside) {
+                    acc += Scalar<T>::load(gy_plane[n * gy_batch_step + y_flat]) * Scalar<T>::load(x_plane[n * x_batch_step + off]);
+                }
+                n += jump_n;
+                y_flat += jump_y;
+                if (y_flat >= g.out_cells) {
+                    y_flat -= g.out_cells;
+                    ++n;
                 }
             }
-            sums[threadIdx.x] = acc;
-            __syncthreads();
-            for (int half = blockDim.x / 2; half > 0; half /= 2) {
-                if ((int)threadIdx.x < half) sums[threadIdx.x] += sums[threadIdx.x + half];
-                __syncthreads();
-            }
-            if (threadIdx.x == 0) partial[(row * n_chunks + chunk) * g.cap + t] = sums[0];
-            __syncthreads();  // sums[0] is read before the next tap overwrites it
+            const A total = block_sum(acc, sums);
+            if (threadIdx.x == 0) partial[(row * n_chunks + chunk) * g.cap + t] = total;
         }
     }
 }
