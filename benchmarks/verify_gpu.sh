@@ -25,5 +25,6 @@ step 2-gpu-tests $PY -m pytest -m gpu -q -p no:cacheprovider
 step 3-sanitizer $PY benchmarks/sanitize.py
 step 4-benchmark $PY benchmarks/bench_gpu.py --docs docs/benchmarks.md
 step 5-overhead $PY benchmarks/bench_overhead.py
+step 6-conv-stages $PY benchmarks/profile_conv_gpu.py
 echo "== $failed step(s) failed; logs in $LOG/"
 exit $failed
