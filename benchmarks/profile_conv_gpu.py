@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
-    print("| case | interp | K+mark+compact ms | forward ms | grad_input ms | dL/dK taps ms | conv ms | conv_grad ms | taps/row |")
+    print("| case | interp | taps (mark+compact) ms | forward ms | grad_input ms | dL/dK taps ms | conv ms | conv_grad ms | taps/row |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for case in GPU_CASES:

@@ -121,8 +121,9 @@ _LIBRARIES: dict = {}
 #: Parameters of the conv kernels by role (``cupy_conv.ConvSpecialisation.names``), in order:
 #: T the storage type, I the index type, A the accumulator; Layout and Geometry by value.
 CONV_PARAMS = {
-    "mark": ("const T*", "const T*", "unsigned char*", "Layout", "I", "I", "I", "I", "double"),
-    "compact": ("const T*", "const unsigned char*", "I*", "I*", "A*", "I", "I", "I"),
+    "mark": ("const T*", "const T*", "const T*", "unsigned char*", "A*", "A*", "Layout", "I", "I", "I", "I", "double"),
+    "compact": ("const T*", "const T*", "const A*", "const A*", "const unsigned char*", "I*", "I*", "A*", "Layout", "I", "I",
+                "I", "I", "I"),
     "forward": ("const T*", "const I*", "const I*", "const A*", "T*", "Geometry", "int", "int", "int"),
     "grad_input": ("const T*", "const I*", "const I*", "const A*", "T*", "Geometry", "int", "int", "int"),
     "grad_taps": ("const T*", "const T*", "const I*", "const I*", "A*", "Geometry", "I", "I"),
@@ -334,34 +335,35 @@ def _expand(a, spec):
 
 
 class _Taps:
-    """``K`` and its taps: ``n_taps (B,)``, ``cell``/``value (B * cap,)`` (cupy_conv._Taps)."""
+    """The taps: ``n_taps (B,)``, ``cell``/``value (B * cap,)``; ``K`` is not built (cupy_conv._Taps)."""
 
     def __init__(self, spec, weight, positions, sigma):
         k = spec.kernel
         self.plan, self.key, self.geometry = conv_plan(spec)
         p = self.plan
         it = np.int64 if p.int64 else np.int32
-        self.it = it
         self.weight = weight.reshape(k.n_batch, k.n_dense, k.count)
         self.positions, self.sigma = _expand(positions, spec), _expand(sigma, spec)
-        self.kernel = construct(k, self.weight, self.positions, self.sigma)
         acc = np.float64 if k.dtype == np.float64 else np.float32
         mask = np.zeros(p.n_rows * p.cells, dtype=np.uint8)
         n_elements = k.n_batch * k.n_dense * k.count
+        scale = np.full(n_elements, _POISON, dtype=acc)  # poisoned: mark must write every scale
+        row_sums = np.full(k.n_learned * n_elements, _POISON, dtype=acc)
         layout = cb.layout_value(k.sizes, k.learned_dims, p.int64)
         radius = gauss_cut(k.dtype) if k.interpolation == "gauss" else 0.0
         sigma_arg = self.positions if self.sigma is None else self.sigma
         _launch(
             self.key, "mark", p.grid(n_elements, LIMITS.n_sm), p.threads,
-            self.positions, sigma_arg, mask, layout, k.n_batch, k.n_dense, k.count, k.block, radius,
+            np.ascontiguousarray(self.weight), self.positions, sigma_arg, mask, scale, row_sums, layout, k.n_batch,
+            k.n_dense, k.count, k.block, radius,
         )  # fmt: skip
         self.n_taps = np.full(p.n_rows, p.cap, dtype=it)  # poisoned: compact must write every count
         self.cell = (np.arange(p.n_rows * p.cap) % p.cells).astype(it)
         self.value = np.full(p.n_rows * p.cap, _POISON, dtype=acc)
         _launch(
             self.key, "compact", max(1, min(p.n_rows, 2**31 - 1)), p.compact_threads,
-            self.kernel, mask, self.n_taps, self.cell, self.value, p.n_rows, p.cells, p.cap,
-            shared=4 * p.compact_threads,
+            self.positions, sigma_arg, scale, row_sums, mask, self.n_taps, self.cell, self.value, layout, p.n_rows,
+            k.n_dense, k.count, p.cells, p.cap, shared=4 * p.compact_threads,
         )  # fmt: skip
 
     def planes(self, role, st: cc.Stage, src, dst):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +152,26 @@ def test_plan_on_the_benchmark_shapes_with_h100_limits(case, interpolation):
     assert (p.forward.grid, p.transposed.grid) == expected_grids[name]
     assert p.forward.batch == p.transposed.batch == 8
     assert p.forward.span == p.cap  # every row's taps in one pass
+
+
+def test_conv_kernels_use_no_atomics():
+    """Every value of the route is written by one thread in a fixed order, so results are bitwise
+    reproducible (docs/conv.md, section 7): the conv kernels' own code has no atomic operation,
+    and the route does not build K with the construction kernel (which sums with atomics)."""
+    def code(path):
+        return "\n".join(line.split("//")[0].split("#")[0] for line in path.read_text().splitlines())
+
+    kernels, host = code(Path(cc.__file__).parent / "cuda" / cc._SOURCE), code(Path(cc.__file__))
+    assert "atomic" not in kernels.lower() and "construct_kernel" not in kernels
+    assert "cb.construct(" not in host and "construct_grad(" in host
+
+
+def test_planner_constants_are_the_kernels():
+    """The batch items a block serves and the register sums of conv_planes_kernel are one number."""
+    source = cb.kernel_source("dcls_conv.cu")
+    assert f"#define NDCLS_CONV_BATCH {cc.BATCH_PER_BLOCK}\n" in source
+    with pytest.raises(ValueError, match="whole warps"):
+        cc.plan(_conv_spec((1, 2, 9), (2, 2, 1), (3,)), H100_SMS, threads=48)
 
 
 @pytest.mark.parametrize("batch, wide", [(63, False), (64, True)])

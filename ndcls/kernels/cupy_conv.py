@@ -1,14 +1,12 @@
 """Backend "cupy": the direct convolution ``conv`` / ``conv_grad`` (SPEC section 9) in CUDA C++.
 
-The pipeline (docs/conv.md, section "GPU"; kernels in ``cuda/dcls_conv.cu``): the dense kernel
-``K`` is built by the construction kernel, the cells the elements touch are marked and listed
-per row (the taps), the convolution and its gradients visit only those taps, and the element
-gradients come from ``construct_grad`` of ``dL/dK`` at the taps (the chain rule shared with the
-construction). Every buffer size follows from the shapes, so nothing waits for the device:
-calls can be captured in a CUDA graph. The conv kernels use no float atomics and write every
-value from one thread in a fixed order; ``K`` itself is summed with shared-memory atomics by the
-construction kernel, so only the output and ``grad_input`` may change in the last bit between
-calls (docs/conv.md, section 7).
+The pipeline (docs/conv.md, section "GPU"; kernels in ``cuda/dcls_conv.cu``): the cells the
+elements touch are marked and listed per row (the taps) with the values the dense kernel ``K``
+would hold there (``K`` itself is not built), the convolution and its gradients visit only
+those taps, and the element gradients come from ``construct_grad`` of ``dL/dK`` at the taps (the
+chain rule shared with the construction). Every buffer size follows from the shapes, so nothing
+waits for the device: calls can be captured in a CUDA graph. The kernels use no float atomics
+and write every value from one thread in a fixed order, so results are bitwise reproducible.
 
 Canonical arrays (``ndcls._api._prepare_conv``): input ``(batch, in_channels, *spatial)``,
 weight ``(O, I, D, C)``, positions and sigma ``(M, Po, Pi, D, C)`` with ``Po`` in ``{1, O}``
@@ -56,7 +54,7 @@ class ConvSpecialisation:
         n = str(self.ndim)
         return {
             "mark": f"ndcls::conv_mark_kernel<{t}, {self.n_learned}, {kind}, {i}>",
-            "compact": f"ndcls::conv_compact_kernel<{t}, {i}>",
+            "compact": f"ndcls::conv_compact_kernel<{t}, {self.n_learned}, {kind}, {i}>",
             "forward": f"ndcls::conv_planes_kernel<{t}, {n}, {i}, false>",
             "grad_input": f"ndcls::conv_planes_kernel<{t}, {n}, {i}, true>",
             "grad_taps": f"ndcls::conv_grad_taps_kernel<{t}, {n}, {i}>",
@@ -151,6 +149,8 @@ def tap_capacity(spec) -> int:
 
 def plan(spec, n_sm: int, threads: int = _THREADS) -> ConvPlan:
     """The plan of ``spec`` on a device of ``n_sm`` multiprocessors."""
+    if threads % 32:
+        raise ValueError(f"threads per block must be whole warps (block_sum), got {threads}")
     k = spec.kernel
     n_rows, cells, cap = k.n_batch, k.block, tap_capacity(spec)
     work = spec.batch * math.prod(spec.out_spatial)
@@ -223,7 +223,8 @@ def _rows(a, spec):
 
 
 class _Taps:
-    """``K`` and its taps for one call: ``n_taps (B,)``, ``cell``/``value (B, cap)``, on the device."""
+    """The taps of one call: ``n_taps (B,)``, ``cell``/``value (B * cap,)``, on the device (the
+    values are those of ``K``, which is not built)."""
 
     def __init__(self, spec, weight, positions, sigma, device_id):
         cupy = cb._cupy()
@@ -234,23 +235,26 @@ class _Taps:
         it = np.int64 if p.int64 else np.int32
         self.weight = weight.reshape(k.n_batch, k.n_dense, k.count)
         self.positions, self.sigma = _rows(positions, spec), _rows(sigma, spec)
-        self.kernel = cb.construct(k, self.weight, self.positions, self.sigma)
         acc = np.float64 if k.dtype == np.float64 else np.float32
         mask = cupy.zeros(p.n_rows * p.cells, dtype=np.uint8)
         n_elements = k.n_batch * k.n_dense * k.count
+        scale = cupy.empty(n_elements, dtype=acc)
+        row_sums = cupy.empty(k.n_learned * n_elements, dtype=acc)
         layout = cb.layout_value(k.sizes, k.learned_dims, p.int64)
         radius = gauss_cut(k.dtype) if k.interpolation == "gauss" else 0.0
         sigma_arg = self.positions if self.sigma is None else self.sigma
         self.kernels["mark"](
             (p.grid(n_elements, cb._limits(device_id).n_sm),), (p.threads,),
-            (self.positions, sigma_arg, mask, layout, it(k.n_batch), it(k.n_dense), it(k.count), it(k.block), np.float64(radius)),
+            (self.weight, self.positions, sigma_arg, mask, scale, row_sums, layout, it(k.n_batch), it(k.n_dense),
+             it(k.count), it(k.block), np.float64(radius)),
         )  # fmt: skip
         self.n_taps = cupy.empty(p.n_rows, dtype=it)
         self.cell = cupy.empty(p.n_rows * p.cap, dtype=it)
         self.value = cupy.empty(p.n_rows * p.cap, dtype=acc)
         self.kernels["compact"](
             (max(1, min(p.n_rows, 2**31 - 1)),), (p.compact_threads,),
-            (self.kernel, mask, self.n_taps, self.cell, self.value, it(p.n_rows), it(p.cells), it(p.cap)),
+            (self.positions, sigma_arg, scale, row_sums, mask, self.n_taps, self.cell, self.value, layout,
+             it(p.n_rows), it(k.n_dense), it(k.count), it(p.cells), it(p.cap)),
             shared_mem=4 * p.compact_threads,
         )  # fmt: skip
 

@@ -1,11 +1,13 @@
 // Direct DCLS convolution for the "cupy" backend (docs/conv.md, section "GPU").
 //
-// The dense kernel K (B = out_channels * group_in rows of `cells` values) is built by
-// construct_kernel (dcls.cu); the convolution then visits only the cells the elements touch:
+// The kernel has B = out_channels * group_in rows of `cells` cells; the convolution visits only
+// the cells the elements touch, without building the dense kernel K:
 //   conv_mark_kernel     marks the support box of every element (bilinear 2 cells per learned
-//                        axis, triangle its support, gauss its cut support) in a byte mask;
+//                        axis, triangle its support, gauss its cut support) in a byte mask, and
+//                        keeps each element's scale and row sums (its normalisation);
 //   conv_compact_kernel  lists each row's marked cells in ascending order: n_taps[row],
-//                        tap_cell[row, t] (flat cell of the row), tap_val[row, t] = K[row, cell];
+//                        tap_cell[row, t] (flat cell of the row), tap_val[row, t] = K[row, cell],
+//                        summed over the row's elements in their order (tap_value);
 //   conv_planes_kernel   the forward, out[n, o, y] = sum_i sum_t tap_val * x[n, g*I+i, y*stride + k_t - pad],
 //                        and (TRANSPOSED) the input gradient, the transposed convolution over the same
 //                        taps; the source rows' taps are packed into shared memory, each block serves
@@ -14,9 +16,10 @@
 //                        with a fixed-order block sum (warp shuffles), one partial sum per chunk;
 //   conv_scatter_kernel  dK[row, tap_cell] = sum of the partials in chunk order; the shared
 //                        chain rule (construct_grad_kernel) then gives the element gradients.
-// Buffer sizes follow from the shapes alone (no host synchronisation: CUDA-graph safe). Every
-// output is written by one thread in a fixed order: results are deterministic. Templates over
-// the storage type T, the number N of spatial axes and the index type I (int or long long).
+// Buffer sizes follow from the shapes alone (no host synchronisation: CUDA-graph safe). No
+// float atomics: every value is written by one thread in a fixed order, so results are bitwise
+// reproducible. Templates over the storage type T, the number N of spatial axes (M learned, of
+// interpolation KIND) and the index type I (int or long long).
 #include "dcls.cu"
 
 namespace ndcls {
@@ -86,31 +89,32 @@ __device__ __forceinline__ A block_sum(A value, A* sums) {
     return total;
 }
 
-// Marks the cells of every element's support box (learned rows: cut_support; dense axes: the
-// element's own dense index). Invalid elements mark nothing. Several elements may mark a cell.
+// One thread per element: marks the cells of its support box (learned rows: cut_support; dense
+// axes: the element's own dense index; invalid elements mark nothing, several elements may mark
+// a cell) and writes what the compaction needs to evaluate its value at any cell, as the
+// construction kernel would add it to K: `scale[e]` = w (bilinear) or w * S / Z (S the product
+// of the row sums, Z = S + eps), 0 for an element the construction skips (invalid, empty
+// support, a row of zero mass), and the row sums `row_sums[j * n_elements + e]` over the
+// (uncut) support, summed in the construction's order.
 template <typename T, int M, int KIND, typename I>
-__global__ void conv_mark_kernel(const T* __restrict__ positions, const T* __restrict__ sigma,
-                                 unsigned char* __restrict__ mask, const Layout<I> layout, I n_batch, I n_dense,
-                                 I count, I block, double radius) {
+__global__ void conv_mark_kernel(const T* __restrict__ weight, const T* __restrict__ positions,
+                                 const T* __restrict__ sigma, unsigned char* __restrict__ mask,
+                                 typename Scalar<T>::acc* __restrict__ scale, typename Scalar<T>::acc* __restrict__ row_sums,
+                                 const Layout<I> layout, I n_batch, I n_dense, I count, I block, double radius) {
     typedef typename Scalar<T>::acc A;
     const I per_batch = n_dense * count;
     const I n_elements = n_batch * per_batch;
     for (I e = (I)blockIdx.x * blockDim.x + threadIdx.x; e < n_elements; e += (I)gridDim.x * blockDim.x) {
-        A p[M], s[M];
-        bool valid = true;
-#pragma unroll
-        for (int j = 0; j < M; ++j) {
-            p[j] = Scalar<T>::load(positions[j * n_elements + e]);
-            s[j] = KIND == BILINEAR ? A(0) : Scalar<T>::load(sigma[j * n_elements + e]);
-            valid = valid && element_valid<KIND>(p[j], s[j]);
-        }
-        if (!valid) continue;
+        Element<A, M> el;
+        const int status = load_element<KIND>(positions, sigma, e, n_elements, layout.sizes, el);
+        scale[e] = A(0);
+        if (status == INVALID) continue;
         int lo[M], width[M];
         I cells = 1;
 #pragma unroll
         for (int j = 0; j < M; ++j) {
             int hi;
-            cut_support<KIND>(p[j], s[j], (long long)layout.sizes[j], A(radius), lo[j], hi);
+            cut_support<KIND>(el.p[j], el.s[j], (long long)layout.sizes[j], A(radius), lo[j], hi);
             width[j] = hi - lo[j];
             cells *= width[j] > 0 ? width[j] : 0;
         }
@@ -125,18 +129,85 @@ __global__ void conv_mark_kernel(const T* __restrict__ positions, const T* __res
             for (int j = 0; j < M; ++j) cell += (I)(lo[j] + k[j]) * layout.strides[j];
             mask[cell] = 1;
         }
+        if (status != OK) continue;  // an empty support: the construction adds nothing
+        A w = Scalar<T>::load(weight[e]);
+        if (KIND != BILINEAR) {  // the construction's row sums (fill_profiles, then row_sum)
+            A total = A(1);
+            bool empty = false;
+#pragma unroll
+            for (int j = 0; j < M; ++j) {
+                A sum = A(0), unused_p, unused_s;
+                for (int i = 0; i < el.width[j]; ++i)
+                    sum += profile<KIND>(el.p[j], el.s[j], el.floor_p[j], el.lo[j] + i, unused_p, unused_s);
+                row_sums[j * n_elements + e] = sum;
+                total *= sum;
+                empty = empty || sum == A(0);
+            }
+            if (empty) continue;
+            A r, unused;
+            normaliser_ratios(total, r, unused);
+            w *= r;
+        }
+        scale[e] = w;
     }
 }
 
+// The value at kernel cell `cell` of row `row`: the contributions of the row's elements at that
+// cell's dense index, added in element order (the construction kernel adds the same products,
+// in an order its atomics choose).
+template <typename T, int M, int KIND, typename I>
+__device__ __forceinline__ typename Scalar<T>::acc tap_value(const T* positions, const T* sigma,
+                                                             const typename Scalar<T>::acc* scale,
+                                                             const typename Scalar<T>::acc* row_sums,
+                                                             const Layout<I>& layout, I n_elements, I n_dense,
+                                                             I count, I row, I cell) {
+    typedef typename Scalar<T>::acc A;
+    I d = 0;  // the dense index: C order over the dense axes
+#pragma unroll
+    for (int k = 0; k < NDCLS_MAX_DIMS; ++k) {
+        if (k < layout.n_dense_axes) d = d * layout.dense_sizes[k] + (cell / layout.dense_strides[k]) % layout.dense_sizes[k];
+    }
+    int at[M];
+#pragma unroll
+    for (int j = 0; j < M; ++j) at[j] = int((cell / layout.strides[j]) % layout.sizes[j]);
+    A total = A(0);
+    const I first = (row * n_dense + d) * count;
+    for (I e = first; e < first + count; ++e) {
+        A value = scale[e];
+        if (value == A(0)) continue;  // skipped by the construction, or a zero weight
+        bool inside = true;
+#pragma unroll
+        for (int j = 0; j < M; ++j) {
+            const A p = Scalar<T>::load(positions[j * n_elements + e]);
+            const A s = KIND == BILINEAR ? A(0) : Scalar<T>::load(sigma[j * n_elements + e]);
+            int lo, hi;
+            support<KIND>(p, s, (long long)layout.sizes[j], lo, hi);
+            inside = inside && lo <= at[j] && at[j] < hi;
+            if (inside) {
+                A unused_p, unused_s;
+                const A a = profile<KIND>(p, s, floor(p), at[j], unused_p, unused_s);
+                value *= KIND == BILINEAR ? a : a / row_sums[j * n_elements + e];
+            }
+        }
+        if (inside) total += value;
+    }
+    return total;
+}
+
 // One block per row: the marked cells in ascending order (at most `cap` of them), blockDim.x
-// cells at a time, placed by a block prefix sum. Shared memory: blockDim.x ints.
-template <typename T, typename I>
-__global__ void conv_compact_kernel(const T* __restrict__ kernel, const unsigned char* __restrict__ mask,
-                                    I* __restrict__ n_taps, I* __restrict__ tap_cell,
-                                    typename Scalar<T>::acc* __restrict__ tap_val, I n_rows, I cells, I cap) {
+// cells at a time, placed by a block prefix sum, each with its value (tap_value). Shared
+// memory: blockDim.x ints.
+template <typename T, int M, int KIND, typename I>
+__global__ void conv_compact_kernel(const T* __restrict__ positions, const T* __restrict__ sigma,
+                                    const typename Scalar<T>::acc* __restrict__ scale,
+                                    const typename Scalar<T>::acc* __restrict__ row_sums,
+                                    const unsigned char* __restrict__ mask, I* __restrict__ n_taps,
+                                    I* __restrict__ tap_cell, typename Scalar<T>::acc* __restrict__ tap_val,
+                                    const Layout<I> layout, I n_rows, I n_dense, I count, I cells, I cap) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     int* scan = reinterpret_cast<int*>(smem_raw);
     const int tid = threadIdx.x;
+    const I n_elements = n_rows * n_dense * count;
     for (I row = blockIdx.x; row < n_rows; row += gridDim.x) {
         I placed = 0;
         for (I c0 = 0; c0 < cells; c0 += blockDim.x) {
@@ -145,7 +216,8 @@ __global__ void conv_compact_kernel(const T* __restrict__ kernel, const unsigned
             const I at = placed + block_inclusive_scan(scan, flag) - flag;
             if (flag && at < cap) {
                 tap_cell[row * cap + at] = c;
-                tap_val[row * cap + at] = Scalar<T>::load(kernel[row * cells + c]);
+                tap_val[row * cap + at] =
+                    tap_value<T, M, KIND, I>(positions, sigma, scale, row_sums, layout, n_elements, n_dense, count, row, c);
             }
             placed += scan[blockDim.x - 1];
             __syncthreads();  // scan is rewritten by the next chunk
@@ -162,8 +234,8 @@ __global__ void conv_compact_kernel(const T* __restrict__ kernel, const unsigned
 // pairs o * I + i for the group's outputs o) have their taps packed into shared memory, stage
 // after stage: a block prefix sum over the counts of the next blockDim.x rows (at most `span` taps
 // of a row per pass over the rows, passes t0 = 0, span, ...) takes the rows that fit in `entries`
-// slots, and the slots hold the taps' kernel coordinates and values. Every thread then sums over
-// the stage in the fixed order (row, tap): the forward reads x[n, g * I + i, y * stride + k - pad];
+// slots, and the slots hold the taps' kernel coordinates and values. Every thread then sums in
+// the fixed order (pass, row, tap): the forward reads x[n, g * I + i, y * stride + k - pad];
 // the transposed reads grad_out[n, o, y] for the y with y * stride = z + pad - k. Cells in the
 // padding are skipped. Shared memory: entries * (N ints + one A) + (blockDim.x + 1) ints (the host
 // sizes the launch: cupy_conv.stage).
@@ -186,6 +258,8 @@ __global__ void conv_planes_kernel(const T* __restrict__ src, const I* __restric
     const I* src_sizes = TRANSPOSED ? g.out_spatial : g.spatial;
     const I n_src = TRANSPOSED ? g.group_out : g.group_in;  // source rows per destination channel
     const I src_batch_step = src_channels * src_cells;      // from batch item n to n + 1
+    batch_per_block = min(batch_per_block, NDCLS_CONV_BATCH);  // the registers' sums
+    span = min(span, entries);  // a row's pass always fits one stage: every stage takes a row
     const I chunks = (g.batch + batch_per_block - 1) / batch_per_block;
     for (I item = blockIdx.y; item < dst_channels * chunks; item += gridDim.y) {
         const I ch = item / chunks;
