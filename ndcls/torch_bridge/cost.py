@@ -77,7 +77,8 @@ RATES = Rates(
 
 #: The same rates for CUDA tensors (construct + cuDNN against the cupy backend's direct
 #: convolution), calibrated by ``python benchmarks/bench_gpu.py`` on an H100 (docs/benchmarks.md,
-#: "Direct convolution on the GPU").
+#: "Direct convolution on the GPU"), with the cupy conv kernels of commit 64e77fb (not yet
+#: re-measured with the current ones: docs/conv.md, section 7).
 GPU_RATES = Rates(
     dense_depthwise=4.64e11,
     dense_mixing=1.69e13,
