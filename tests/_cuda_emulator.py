@@ -348,13 +348,13 @@ class _Taps:
         mask = np.zeros(p.n_rows * p.cells, dtype=np.uint8)
         n_elements = k.n_batch * k.n_dense * k.count
         scale = np.full(n_elements, _POISON, dtype=acc)  # poisoned: mark must write every scale
-        row_sums = np.full(k.n_learned * n_elements, _POISON, dtype=acc)
+        row_sums = np.full(k.n_learned * n_elements if k.interpolation != "bilinear" else 1, _POISON, dtype=acc)
         layout = cb.layout_value(k.sizes, k.learned_dims, p.int64)
         radius = gauss_cut(k.dtype) if k.interpolation == "gauss" else 0.0
         sigma_arg = self.positions if self.sigma is None else self.sigma
         _launch(
             self.key, "mark", p.grid(n_elements, LIMITS.n_sm), p.threads,
-            np.ascontiguousarray(self.weight), self.positions, sigma_arg, mask, scale, row_sums, layout, k.n_batch,
+            self.weight, self.positions, sigma_arg, mask, scale, row_sums, layout, k.n_batch,
             k.n_dense, k.count, k.block, radius,
         )  # fmt: skip
         self.n_taps = np.full(p.n_rows, p.cap, dtype=it)  # poisoned: compact must write every count

@@ -239,7 +239,7 @@ class _Taps:
         mask = cupy.zeros(p.n_rows * p.cells, dtype=np.uint8)
         n_elements = k.n_batch * k.n_dense * k.count
         scale = cupy.empty(n_elements, dtype=acc)
-        row_sums = cupy.empty(k.n_learned * n_elements, dtype=acc)
+        row_sums = cupy.empty(k.n_learned * n_elements if k.interpolation != "bilinear" else 1, dtype=acc)  # unused for bilinear
         layout = cb.layout_value(k.sizes, k.learned_dims, p.int64)
         radius = gauss_cut(k.dtype) if k.interpolation == "gauss" else 0.0
         sigma_arg = self.positions if self.sigma is None else self.sigma
