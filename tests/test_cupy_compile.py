@@ -143,6 +143,7 @@ def test_every_conv_specialisation_compiles_to_ptx(arch):
     for name in lowered.values():
         assert f".entry {name}(" in ptx
 
+
 def test_conv_kernels_keep_their_accumulators_in_registers():
     """ptxas for sm_90: the tap loops of the conv kernels use no local memory (conv_planes_kernel's
     per-batch accumulators stay in registers) and, with 32-bit indices, at most 64 registers per

@@ -266,7 +266,7 @@ __global__ void conv_planes_kernel(const T* __restrict__ src, const I* __restric
         const I n0 = (item - ch * chunks) * batch_per_block;
         const int nb = (int)min((I)batch_per_block, g.batch - n0);
         const I group = TRANSPOSED ? ch / g.group_in : ch / g.group_out;
-        // row of the taps of source r, and the source channel it reads
+        // the row holding the taps of source r (which reads source channel first_src_ch + r)
         auto row_of = [&](I r) -> I {
             return TRANSPOSED ? (group * g.group_out + r) * g.group_in + (ch - group * g.group_in) : ch * g.group_in + r;
         };
