@@ -1,12 +1,14 @@
 """CPU-only checks of the "cupy" backend's direct convolution (ndcls/kernels/cupy_conv.py).
 
 * Its plan (pure arithmetic on shapes and device limits) on the benchmark shapes with an H100's
-  limits: tap capacity, chunks of the dL/dK reduction, the staged-tap launches, index width.
+  limits: tap capacity, chunks of the dL/dK reduction, the staged-tap launches (batch items per
+  block), index width; its constants against the kernels'.
 * Its CUDA kernels (cuda/dcls_conv.cu) under the g++ host emulation (tests/_cuda_emulator.py)
   against the NumPy reference, on shapes that reach the code paths the shared harness's small
-  cases do not (several chunks, several staging passes, long rows, grid-stride loops, the
-  GPU's own grid sizes) and with 64-bit indices. The harness itself (tests/test_conv.py) also
-  runs on "cupy-emulated".
+  cases do not (several chunks, staging passes and stages, partial batch chunks, long rows,
+  grid-stride loops, the GPU's own grid sizes) and with 64-bit indices. The harness itself
+  (tests/test_conv.py) also runs on "cupy-emulated".
+* That the route uses no atomics (bitwise reproducible results).
 """
 
 from __future__ import annotations
