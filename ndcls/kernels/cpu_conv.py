@@ -170,6 +170,16 @@ def _row_chain(kind, g, start, e0, n, weight, sigma, r, grad_w, grad_p, grad_s):
 
 
 @njit(cache=True, inline="always")
+def _dense_cell(tap_cell, t, e, n_dense, count, dense_axes, dense_cells):
+    """Tap ``t`` of element ``e`` (``count`` per dense index, ``n_dense`` dense indices per channel
+    pair) at its element's coordinates along the dense axes."""
+    if dense_axes.shape[0]:
+        d = (e // count) % n_dense
+        for q in range(dense_axes.shape[0]):
+            tap_cell[t, dense_axes[q]] = dense_cells[d, q]
+
+
+@njit(cache=True, inline="always")
 def _row_taps(normalised, start, e0, n, weight, r, tap_cell, tap_val, learned_axis, dense_axes, dense_cells, n_dense, count):
     """The taps of the elements ``e0 + i``, ``i < n``, of one learned row (``r``,
     :func:`cpu._gauss_rows`) whose row is regular and matches their tap count (the others
@@ -183,13 +193,11 @@ def _row_taps(normalised, start, e0, n, weight, r, tap_cell, tap_val, learned_ax
         e = e0 + i
         t = start[e]
         lo = int(r[_lane(_LO * B + i)])
-        d = (e // count) % n_dense if dense_axes.shape[0] else 0
         scale = r[_lane(_T * B + i)]
         for k in range(width):
             tap_val[t + k] = scale * r[_lane((_A + k) * B + i)]
             tap_cell[t + k, learned_axis] = lo + k
-            for q in range(dense_axes.shape[0]):
-                tap_cell[t + k, dense_axes[q]] = dense_cells[d, q]
+            _dense_cell(tap_cell, t + k, e, n_dense, count, dense_axes, dense_cells)
 
 
 @njit(cache=True, inline="always")
@@ -254,7 +262,6 @@ def _fill_taps_chunk(
                         tap_cell[q, a_axis] = 0
                 continue
             scale = weight[e, 0, 0] * _element_scale(normalised, z)
-            d = (e // count) % n_dense if dense_axes.shape[0] else 0
             for j in range(m):
                 idx[j] = lo[j]
             while True:
@@ -262,8 +269,7 @@ def _fill_taps_chunk(
                 for j in range(m):
                     value *= a[j, idx[j]]
                     tap_cell[t, learned_axes[j]] = idx[j]
-                for q in range(dense_axes.shape[0]):
-                    tap_cell[t, dense_axes[q]] = dense_cells[d, q]
+                _dense_cell(tap_cell, t, e, n_dense, count, dense_axes, dense_cells)
                 tap_val[t] = value
                 t += 1
                 if not _advance(idx, lo, hi, m):
